@@ -1,0 +1,219 @@
+"""Official PyTorch checkpoints -> Flax variables, and back to disk as a checkpoint we can load.
+
+The mapping is generated from the Flax model itself: every Flax leaf names the one official
+key it comes from, so a checkpoint is accepted only when its keys and shapes are exactly the
+model's (a missing, unexpected or mis-shaped key is an error that names it), and nothing is
+silently dropped except BatchNorm's `num_batches_tracked` counters.
+
+    python -m shunted_jax.convert --model shunted_s shunted_s.pth /path/to/out
+"""
+import argparse
+import json
+import pathlib
+from typing import Dict, Iterator, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from shunted_jax import models
+
+StateDict = Mapping[str, np.ndarray]
+FlaxPath = Tuple[str, ...]  # (collection, module, ..., leaf)
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_STEM_CONV_SLOTS = 3  # each stem unit is conv, BatchNorm, ReLU in one torch Sequential
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes are not those of the requested model."""
+
+
+def _template(model) -> Dict[FlaxPath, jax.ShapeDtypeStruct]:
+    size = model.min_input_size()
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
+    )
+    return traverse_util.flatten_dict(dict(shapes))
+
+
+def _stem_num_conv(template) -> int:
+    return sum(1 for p in template if p[:2] == ("params", "patch_embed1") and p[2].startswith("conv_")
+               and p[-1] == "kernel") - 1
+
+
+def _torch_module_name(modules: Tuple[str, ...], num_conv: int) -> str:
+    """Flax module path (without the block index) -> the official dotted module name."""
+    names = []
+    for i, m in enumerate(modules):
+        parent = modules[i - 1] if i else None
+        if parent == "patch_embed1" and num_conv >= 0 and (m.startswith(("conv_", "bn_")) or m == "proj"):
+            kind, _, k = m.partition("_")
+            slot = _STEM_CONV_SLOTS * (num_conv + 1) if m == "proj" else _STEM_CONV_SLOTS * int(k) + (kind == "bn")
+            names += ["conv", str(slot)]
+        elif parent == "mlp" and m == "dwconv":
+            names += ["dwconv", "dwconv"]
+        else:
+            names.append(m)
+    return ".".join(names)
+
+
+def _is_stacked(path: FlaxPath) -> bool:
+    return path[1].startswith("block")
+
+
+def _official_keys(path: FlaxPath, shape, num_conv: int) -> Iterator[str]:
+    """The official key(s) of one Flax leaf: one per block for the scanned block stacks."""
+    collection, modules, leaf = path[0], path[1:-1], path[-1]
+    suffix = _LEAF_TO_TORCH[leaf]
+    if _is_stacked(path):
+        rest = _torch_module_name(modules[1:], num_conv)
+        for j in range(shape[0]):
+            yield f"{modules[0]}.{j}.{rest}.{suffix}"
+    else:
+        yield f"{_torch_module_name(modules, num_conv)}.{suffix}"
+
+
+def _to_flax(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Linear (out, in) -> (in, out); Conv (O, I/g, kh, kw) -> (kh, kw, I/g, O)."""
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def _unwrap_torch(state_dict: Mapping) -> Mapping:
+    """Accept {'model': sd} / {'state_dict': sd} wrappers and DDP's 'module.' prefix."""
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _unwrap(state_dict: Mapping) -> Dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in _unwrap_torch(state_dict).items()}
+
+
+def torch_to_flax(state_dict: StateDict, name: str, **model_overrides) -> dict:
+    """Convert an official state dict (key -> numpy array, PyTorch layouts) into Flax variables
+    for `models.create(name, **model_overrides)`. The class count is read from `head.weight`."""
+    state = _unwrap(state_dict)
+    if "head.weight" in state and "num_classes" not in model_overrides:
+        model_overrides["num_classes"] = state["head.weight"].shape[0]
+    template = _template(models.create(name, **model_overrides))
+    num_conv = _stem_num_conv(template)
+
+    flat, used, missing, misshaped = {}, set(), [], []
+    for path, spec in template.items():
+        keys = list(_official_keys(path, spec.shape, num_conv))
+        leaf_shape = spec.shape[1:] if _is_stacked(path) else spec.shape
+        arrays = []
+        for key in keys:
+            if key not in state:
+                missing.append(key)
+                continue
+            used.add(key)
+            array = _to_flax(state[key], path[-1])
+            if array.shape != tuple(leaf_shape):
+                misshaped.append(f"{key}: checkpoint {tuple(state[key].shape)}, "
+                                 f"model expects {_torch_shape(leaf_shape, path[-1])}")
+                continue
+            arrays.append(array)
+        if len(arrays) == len(keys):
+            flat[path] = np.stack(arrays) if _is_stacked(path) else arrays[0]
+    unexpected = sorted(k for k in set(state) - used if not k.endswith("num_batches_tracked"))
+    _raise_on_mismatch(name, missing, unexpected, misshaped)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _torch_shape(flax_shape, leaf: str) -> Tuple[int, ...]:
+    if leaf == "kernel" and len(flax_shape) == 2:
+        return tuple(flax_shape[::-1])
+    if leaf == "kernel" and len(flax_shape) == 4:
+        kh, kw, i, o = flax_shape
+        return (o, i, kh, kw)
+    return tuple(flax_shape)
+
+
+def _raise_on_mismatch(name, missing, unexpected, misshaped):
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "\n  ".join(items[:20]) + (f"\n  ... and {len(items) - 20} more" if len(items) > 20 else "")
+            problems.append(f"{len(items)} {title} key(s):\n  {shown}")
+    if problems:
+        raise CheckpointMismatchError(f"The checkpoint does not match {name!r}:\n" + "\n".join(problems))
+
+
+def read_state_dict(path) -> Dict[str, np.ndarray]:
+    """Read a released checkpoint: .pth/.pt (needs PyTorch), .npz or .safetensors (no PyTorch)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
+                "(or convert it to .safetensors/.npz elsewhere)."
+            ) from e
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in _unwrap_torch(raw).items()}
+    raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth, .npz or .safetensors.")
+
+
+def save_variables(variables: dict, out_dir, model_name: str) -> pathlib.Path:
+    """Write converted variables where training (config.init_from) and evaluation can load them."""
+    import orbax.checkpoint as ocp
+
+    out = pathlib.Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / "variables", variables, force=True)
+    (out / "model.json").write_text(json.dumps({"model": model_name}))
+    return out
+
+
+def load_variables(path, expected_model: str = None) -> dict:
+    """Load variables written by `save_variables`, as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    meta_file = path / "model.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a converted checkpoint (no model.json): run "
+                                "`python -m shunted_jax.convert --model NAME CKPT OUT` first.")
+    saved_model = json.loads(meta_file.read_text())["model"]
+    if expected_model is not None and saved_model != expected_model:
+        raise CheckpointMismatchError(f"{path} holds a {saved_model!r} checkpoint, not {expected_model!r}.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path / "variables")
+    return jax.tree_util.tree_map(np.asarray, restored)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=models.list_models())
+    parser.add_argument("checkpoint", help="official .pth, .npz or .safetensors file")
+    parser.add_argument("out", help="directory to write the converted checkpoint to")
+    args = parser.parse_args(argv)
+    variables = torch_to_flax(read_state_dict(args.checkpoint), args.model)
+    out = save_variables(variables, args.out, args.model)
+    count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+    print(f"Converted {args.model} ({count:,} parameters) to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Attention over a feature map: PVT's spatial-reduction attention and Shunted self-attention.
+
+Every module takes an NHWC map (B, H, W, C) and returns one of the same shape. Tokens are the
+map reshaped row-major, heads own contiguous channel blocks ("head-major"), and K/V projections
+hold K in their first half and V in their second, as in the official code.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shunted_jax.models.layers import (
+    TORCH_NORM_EPS,
+    conv,
+    dense,
+    depthwise_conv3x3,
+    gelu,
+    layer_norm,
+)
+
+Dtype = Any
+
+
+ATTENTION_IMPLS = ("exact", "xla", "cudnn")
+
+
+def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exact"):
+    """softmax(q k^T / sqrt(d)) v over (B, tokens, heads, head_dim) arrays.
+
+    "exact": einsums with the logits and softmax in float32, or float64 when the inputs are
+    (jax.nn.dot_product_attention always rounds its softmax to float32, which float64 parity
+    tests see). "xla" / "cudnn": jax.nn.dot_product_attention with that implementation.
+    With the 'intermediates' collection mutable the exact path also stores the attention
+    probabilities there, for pictures of what each head looks at.
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLS}.")
+    scale = q.shape[-1] ** -0.5
+    if implementation != "exact" and not module.is_mutable_collection("intermediates"):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    module.sow("intermediates", "attention_probs", probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def split_heads(x, num_heads: int):
+    """(B, ..., C) map or tokens -> (B, tokens, heads, C // heads), head-major channels."""
+    return x.reshape(x.shape[0], -1, num_heads, x.shape[-1] // num_heads)
+
+
+def adaptive_avg_pool(x, size: int):
+    """PyTorch's AdaptiveAvgPool2d on NHWC: bin i covers [floor(i L / s), ceil((i + 1) L / s)).
+
+    Bins overlap when s does not divide L and repeat rows when L < s; written as two averaging
+    matrices so that it is exact for every size.
+    """
+
+    def weights(length):
+        w = np.zeros((size, length))
+        for i in range(size):
+            lo, hi = (i * length) // size, -((-(i + 1) * length) // size)
+            w[i, lo:hi] = 1.0 / (hi - lo)
+        return jnp.asarray(w, x.dtype)
+
+    return jnp.einsum("ih,bhwc,jw->bijc", weights(x.shape[1]), x, weights(x.shape[2]))
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT's SRA: keys/values from the map reduced by a stride-r conv, or (linear SRA, PVTv2-li)
+    from a 7x7 adaptive average pool followed by a 1x1 conv and GELU."""
+
+    num_heads: int
+    sr_ratio: int = 1
+    linear: bool = False
+    pool_size: int = 7
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "exact"
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
+        if self.linear:
+            t = conv(dim, 1, name="sr", **kw)(adaptive_avg_pool(x, self.pool_size))
+            t = gelu(layer_norm(TORCH_NORM_EPS, name="norm", **kw)(t))
+        elif self.sr_ratio > 1:
+            t = conv(dim, self.sr_ratio, stride=self.sr_ratio, name="sr", **kw)(x)
+            t = layer_norm(TORCH_NORM_EPS, name="norm", **kw)(t)
+        else:
+            t = x
+        kv = dense(2 * dim, name="kv", **kw)(t)
+        k, v = split_heads(kv[..., :dim], self.num_heads), split_heads(kv[..., dim:], self.num_heads)
+        out = multi_head_attention(self, q, k, v, self.implementation)
+        return dense(dim, name="proj", **kw)(out.reshape(x.shape))
+
+
+class ShuntedSelfAttention(nn.Module):
+    """Shunted self-attention: heads split into equal groups, group g attending to keys/values
+    aggregated at its own rate `rates[g]`.
+
+    For each group: a kernel = stride = rate conv (a 1x1 conv at rate 1), LayerNorm, GELU, a
+    K/V projection, and local enhancement (a depthwise 3x3 conv) added to V before attention.
+    The official model uses rates (r, r/2) on two halves of the heads for r > 1, and for
+    r = 1 the single-group form `rates == (1,)`: plain attention over all tokens with the
+    local enhancement of V added to the attention output instead.
+    """
+
+    num_heads: int
+    rates: Sequence[int]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "exact"
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        groups = len(self.rates)
+        if self.num_heads % groups:
+            raise ValueError(
+                f"{self.num_heads} heads cannot be split into {groups} groups (rates {tuple(self.rates)}): "
+                "choose a head count divisible by the number of rates."
+            )
+        q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
+        if tuple(self.rates) == (1,):
+            out = self._global_attention(x, q, kw)
+        else:
+            out = self._grouped_attention(x, q, kw)
+        return dense(dim, name="proj", **kw)(out)
+
+    def _global_attention(self, x, q, kw):
+        dim = x.shape[-1]
+        kv = dense(2 * dim, name="kv", **kw)(x)
+        k, v = kv[..., :dim], kv[..., dim:]
+        out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
+                                   self.implementation)
+        return out.reshape(x.shape) + depthwise_conv3x3(dim, name="local_conv", **kw)(v)
+
+    def _grouped_attention(self, x, q, kw):
+        dim = x.shape[-1]
+        heads = self.num_heads // len(self.rates)
+        width = dim // len(self.rates)
+        outputs = []
+        for g, rate in enumerate(self.rates, start=1):
+            t = conv(dim, rate, stride=rate, name=f"sr{g}", **kw)(x)
+            t = gelu(layer_norm(TORCH_NORM_EPS, name=f"norm{g}", **kw)(t))
+            kv = dense(2 * width, name=f"kv{g}", **kw)(t)
+            k, v = kv[..., :width], kv[..., width:]
+            v = v + depthwise_conv3x3(width, name=f"local_conv{g}", **kw)(v)
+            q_group = q[:, :, (g - 1) * heads : g * heads]
+            outputs.append(multi_head_attention(self, q_group, split_heads(k, heads), split_heads(v, heads),
+                                                self.implementation))
+        return jnp.concatenate(outputs, axis=2).reshape(x.shape)

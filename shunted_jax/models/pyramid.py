@@ -1,0 +1,228 @@
+"""The four-stage pyramid shared by the Shunted Transformer and PVTv2.
+
+stem / patch embed -> blocks -> LayerNorm, four times (strides 4, 8, 16, 32), then a token
+mean-pool and a linear classifier. The families differ only in their fields: the stem, the
+attention, the FFN and the widths; `shunted.py` and `pvt_v2.py` hold the official settings.
+
+The blocks of a stage are one `nn.scan`, so a deep stage compiles as fast as a one-block stage;
+their parameters carry a leading depth axis.
+"""
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from shunted_jax.models.attention import ShuntedSelfAttention, SpatialReductionAttention
+from shunted_jax.models.ffn import FeedForward
+from shunted_jax.models.layers import (
+    BLOCK_NORM_EPS,
+    TORCH_NORM_EPS,
+    conv,
+    dense_kernel_init,
+    drop_path,
+    layer_norm,
+)
+
+Dtype = Any
+
+ATTENTION_KINDS = ("ssa", "sra", "linear_sra")
+STEM_KINDS = ("conv", "patch")
+
+
+def official_ssa_rates(sr_ratio: int) -> Tuple[int, ...]:
+    """The official Shunted head groups: two halves at r and r/2, or one global group at r = 1."""
+    return (sr_ratio, sr_ratio // 2) if sr_ratio > 1 else (1,)
+
+
+class ConvStem(nn.Module):
+    """Shunted's stem ('Head'): 7x7/2 conv-BN-ReLU, `num_conv` x (3x3 conv-BN-ReLU), 2x2/2 conv,
+    LayerNorm. Overall stride 4."""
+
+    features: int
+    num_conv: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i in range(self.num_conv + 1):
+            first = i == 0
+            x = conv(self.features, 7 if first else 3, stride=2 if first else 1, padding=3 if first else 1,
+                     use_bias=False, name=f"conv_{i}", **kw)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)(x)
+            x = nn.relu(x)
+        x = conv(self.features, 2, stride=2, name="proj", **kw)(x)
+        return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping patch embedding: a strided conv with symmetric padding, then LayerNorm."""
+
+    features: int
+    kernel: int = 3
+    stride: int = 2
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = conv(self.features, self.kernel, stride=self.stride, padding=self.kernel // 2, name="proj", **kw)(x)
+        return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + DropPath(Attn(LN(x))), then x + DropPath(FFN(LN(x))).
+
+    Written as a scan body: takes (map, drop-path rate) and returns (map, None).
+    """
+
+    num_heads: int
+    mlp_ratio: float
+    attention: str = "ssa"
+    rates: Sequence[int] = (1,)
+    ffn: str = "detail"
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "exact"
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        if self.attention == "ssa":
+            attn = ShuntedSelfAttention(self.num_heads, tuple(self.rates), implementation=self.attention_impl,
+                                        name="attn", **kw)
+        else:
+            attn = SpatialReductionAttention(self.num_heads, sr_ratio=self.rates[0],
+                                             linear=self.attention == "linear_sra",
+                                             implementation=self.attention_impl, name="attn", **kw)
+        y = attn(layer_norm(BLOCK_NORM_EPS, name="norm1", **kw)(x))
+        x = x + drop_path(y, drop_path_rate, self.deterministic, self)
+        y = FeedForward(int(dim * self.mlp_ratio), self.ffn, name="mlp", **kw)(
+            layer_norm(BLOCK_NORM_EPS, name="norm2", **kw)(x))
+        x = x + drop_path(y, drop_path_rate, self.deterministic, self)
+        return x, None
+
+
+class PyramidVisionTransformer(nn.Module):
+    """A four-stage pyramid vision transformer on NHWC images.
+
+    `apply(variables, images, train=False)` returns logits; `method="features"` returns the
+    four stage outputs (strides 4, 8, 16, 32, NHWC) for dense tasks.
+    """
+
+    num_classes: int = 1000
+    embed_dims: Sequence[int] = (64, 128, 256, 512)
+    depths: Sequence[int] = (1, 2, 4, 1)
+    num_heads: Sequence[int] = (2, 4, 8, 16)
+    mlp_ratios: Sequence[float] = (8, 8, 4, 4)
+    sr_ratios: Sequence[int] = (8, 4, 2, 1)
+    attention: str = "ssa"
+    ssa_rates: Optional[Sequence[Sequence[int]]] = None
+    ffn: str = "detail"
+    stem: str = "conv"
+    num_conv: int = 0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "exact"
+
+    def stage_rates(self) -> Tuple[Tuple[int, ...], ...]:
+        """Per stage: the SSA group rates, or the single SRA reduction ratio."""
+        if self.attention == "ssa":
+            if self.ssa_rates is not None:
+                return tuple(tuple(r) for r in self.ssa_rates)
+            return tuple(official_ssa_rates(r) for r in self.sr_ratios)
+        return tuple((r,) for r in self.sr_ratios)
+
+    def stage_grids(self, height: int, width: int):
+        """The (H, W) token grid of each stage for an input image, with the official floors."""
+        if self.stem == "conv":
+            h, w = (-(-height // 2)) // 2, (-(-width // 2)) // 2
+        else:
+            h, w = -(-height // 4), -(-width // 4)
+        grids = [(h, w)]
+        for _ in range(3):
+            h, w = -(-h // 2), -(-w // 2)
+            grids.append((h, w))
+        return grids
+
+    def min_input_size(self) -> int:
+        """The smallest height (or width) whose every stage grid fits its reduction convs."""
+        for size in range(1, 4097):
+            if self._fits(size, size):
+                return size
+        raise ValueError("No input size up to 4096 fits this configuration.")
+
+    def _fits(self, height: int, width: int) -> bool:
+        if self.attention == "linear_sra":
+            return True
+        for (h, w), rates in zip(self.stage_grids(height, width), self.stage_rates()):
+            if min(h, w) < max(rates):
+                return False
+        return True
+
+    def _validate(self, images):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"Unknown attention {self.attention!r}; choose one of {ATTENTION_KINDS}.")
+        if self.stem not in STEM_KINDS:
+            raise ValueError(f"Unknown stem {self.stem!r}; choose one of {STEM_KINDS}.")
+        lengths = {len(f) for f in (self.embed_dims, self.depths, self.num_heads, self.mlp_ratios, self.sr_ratios)}
+        if lengths != {4} or len(self.stage_rates()) != 4:
+            raise ValueError("embed_dims, depths, num_heads, mlp_ratios, sr_ratios (and ssa_rates) need 4 entries each.")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Expected NHWC images with 3 channels, got shape {images.shape}.")
+        height, width = images.shape[1:3]
+        if not self._fits(height, width):
+            raise ValueError(
+                f"Input {height}x{width} is too small: this model needs height and width >= "
+                f"{self.min_input_size()} (stage-1 grid {self.stage_grids(height, width)[0]} is smaller "
+                "than its largest reduction conv)."
+            )
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, return_features: bool = False):
+        self._validate(images)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        drop_rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        x = images.astype(self.dtype)
+        features = []
+        for i in range(4):
+            if i > 0:
+                x = PatchEmbed(self.embed_dims[i], name=f"patch_embed{i + 1}", **kw)(x)
+            elif self.stem == "conv":
+                x = ConvStem(self.embed_dims[0], self.num_conv, name="patch_embed1", **kw)(x, train)
+            else:
+                x = PatchEmbed(self.embed_dims[0], kernel=7, stride=4, name="patch_embed1", **kw)(x)
+            start = sum(self.depths[:i])
+            blocks = nn.scan(
+                Block,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.depths[i],
+            )(
+                num_heads=self.num_heads[i],
+                mlp_ratio=self.mlp_ratios[i],
+                attention=self.attention,
+                rates=self.stage_rates()[i],
+                ffn=self.ffn,
+                deterministic=not train,
+                attention_impl=self.attention_impl,
+                name=f"block{i + 1}",
+                **kw,
+            )
+            x, _ = blocks(x, jnp.asarray(drop_rates[start : start + self.depths[i]], jnp.float32))
+            x = layer_norm(BLOCK_NORM_EPS, name=f"norm{i + 1}", **kw)(x)
+            features.append(x)
+        if return_features:
+            return features
+        pooled = jnp.mean(x, axis=(1, 2))
+        head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", **kw)
+        return head(pooled)
+
+    def features(self, images, train: bool = False):
+        return self(images, train=train, return_features=True)
