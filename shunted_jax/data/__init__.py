@@ -1,0 +1,76 @@
+"""Input pipelines for training and evaluation.
+
+    cfg = data.default_config()
+    info = data.dataset_info(cfg)
+    train_it = data.train_iterator(cfg, global_batch_size=256, process_index=0, process_count=1)
+    eval_it = data.eval_iterator(cfg, global_batch_size=256, process_index=0, process_count=1)
+
+Importing this package does not import TensorFlow: only the tfds/folder datasets do, on
+first use, so "synthetic" data works on machines without TF. docs/data.md has the details.
+"""
+import dataclasses
+from typing import Iterator
+
+from shunted_jax.data import config as _config
+from shunted_jax.data import synthetic as _synthetic
+from shunted_jax.data.config import default_config
+
+__all__ = ["DatasetInfo", "dataset_info", "default_config", "eval_iterator", "train_iterator"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+    image_size: int
+
+
+def _is_synthetic(cfg) -> bool:
+    return cfg.name == _config.SYNTHETIC_NAME
+
+
+def dataset_info(cfg) -> DatasetInfo:
+    """Sizes of the dataset cfg names; builds the demo dataset on first use."""
+    _config.validate(cfg)
+    if _is_synthetic(cfg):
+        return DatasetInfo(int(cfg.num_classes), int(cfg.num_train_examples), int(cfg.num_eval_examples), int(cfg.image_size))
+    from shunted_jax.data.sources import make_source
+
+    source = make_source(cfg)
+    return DatasetInfo(source.num_classes, source.num_train, source.num_eval, int(cfg.image_size))
+
+
+def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1, start_step: int = 0) -> Iterator[dict]:
+    """Endless {"image": float32 (B, H, W, 3), "label": int32 (B,)} with B = global_batch_size // process_count.
+
+    With start_step=k it yields exactly what an uninterrupted run yields from step k on.
+    """
+    _config.validate(cfg)
+    local_batch = _config.local_batch_size(global_batch_size, process_count)
+    _check_process(process_index, process_count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    if _is_synthetic(cfg):
+        return _synthetic.train_batches(cfg, local_batch, process_index, start_step)
+    from shunted_jax.data import pipeline
+
+    return pipeline.train_batches(cfg, local_batch, process_index, process_count, start_step)
+
+
+def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Finite {"image", "label", "mask": bool (B,)}: every evaluation example exactly once over all
+    processes, padding masked out, the same number of batches on every process."""
+    _config.validate(cfg)
+    local_batch = _config.local_batch_size(global_batch_size, process_count)
+    _check_process(process_index, process_count)
+    if _is_synthetic(cfg):
+        return _synthetic.eval_batches(cfg, local_batch, process_index, process_count)
+    from shunted_jax.data import pipeline
+
+    return pipeline.eval_batches(cfg, local_batch, process_index, process_count)
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count}).")

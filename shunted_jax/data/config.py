@@ -1,0 +1,77 @@
+"""The data configuration: one ConfigDict with every field the input pipelines read."""
+import os
+
+import ml_collections
+
+DEMO_NAME = "fashion_mnist_demo"
+SYNTHETIC_NAME = "synthetic"
+FOLDER_PREFIX = "folder:"
+
+DEFAULT_PP_TRAIN = (
+    "decode|inception_crop({image_size})|flip_lr|randaug(2,9,0.5)"
+    "|value_range(0,1)|normalize|random_erase(0.25)"
+)
+DEFAULT_PP_EVAL = "decode|resize_shorter({image_size},0.875)|center_crop({image_size})|value_range(0,1)|normalize"
+
+_ON_CORRUPT = ("skip", "fail")
+
+
+def default_data_dir() -> str:
+    """Where prepared datasets live: $TFDS_DATA_DIR if set, else ~/tensorflow_datasets (tfds' own default)."""
+    return os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults follow the official Shunted/PVTv2 ImageNet recipe at 224 pixels."""
+    cfg = ml_collections.ConfigDict()
+    cfg.name = DEMO_NAME
+    cfg.data_dir = default_data_dir()
+    cfg.manual_dir = ""
+    cfg.image_size = 224
+    cfg.train_split = "train"
+    cfg.eval_split = ""  # empty: the first of validation, val, test that the dataset has
+    cfg.pp_train = DEFAULT_PP_TRAIN
+    cfg.pp_eval = DEFAULT_PP_EVAL
+    cfg.shuffle_buffer = 10_000
+    cfg.seed = 0
+    cfg.repeated_aug = 1
+    cfg.on_corrupt = "skip"
+    cfg.prefetch = 2
+    cfg.num_parallel_calls = -1
+    cfg.num_classes = 1000
+    cfg.num_train_examples = 1024
+    cfg.num_eval_examples = 256
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Rejects values that would otherwise fail late and obscurely inside tf.data."""
+    if not isinstance(cfg.name, str) or not cfg.name:
+        raise ValueError(f"data.name must be a non-empty string, got {cfg.name!r}.")
+    if cfg.name.startswith(FOLDER_PREFIX) and not cfg.name[len(FOLDER_PREFIX):]:
+        raise ValueError('data.name "folder:" needs a path, e.g. "folder:/data/my_images".')
+    if int(cfg.image_size) < 1:
+        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}.")
+    if int(cfg.repeated_aug) < 1:
+        raise ValueError(f"data.repeated_aug must be >= 1 (1 = off, 3 = official), got {cfg.repeated_aug}.")
+    if cfg.on_corrupt not in _ON_CORRUPT:
+        raise ValueError(f"data.on_corrupt must be one of {_ON_CORRUPT}, got {cfg.on_corrupt!r}.")
+    if int(cfg.shuffle_buffer) < 1:
+        raise ValueError(f"data.shuffle_buffer must be >= 1, got {cfg.shuffle_buffer}.")
+    if cfg.name == SYNTHETIC_NAME and (int(cfg.num_classes) < 1 or int(cfg.num_train_examples) < 1):
+        raise ValueError("synthetic data needs num_classes >= 1 and num_train_examples >= 1.")
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Each process feeds its own devices an equal share of the global batch."""
+    if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}; "
+            f"choose e.g. {max(1, global_batch_size // max(process_count, 1)) * max(process_count, 1)}."
+        )
+    return global_batch_size // process_count
+
+
+def format_pp(pp: str, cfg: ml_collections.ConfigDict) -> str:
+    """Fills the {image_size} placeholder so one pp string serves every resolution."""
+    return pp.format(image_size=int(cfg.image_size))

@@ -1,0 +1,208 @@
+"""The registered preprocessing ops. Images are float32 HxWx3 with values in [0, 255] from
+`decode` until `value_range` rescales them; `normalize` and `random_erase` come after that."""
+import math
+
+from shunted_jax.data import randaug
+from shunted_jax.data.registry import register
+from shunted_jax.data.tf_import import tensorflow
+
+tf = tensorflow()
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
+    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval)
+
+
+def _replace_image(features: dict, image) -> dict:
+    return {**features, "image": image}
+
+
+def resize_bicubic(image, height, width):
+    """Bicubic with antialiasing, as PIL's bicubic resize; clipped since bicubic overshoots."""
+    resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def decode_to_rgb(image):
+    """Encoded bytes (JPEG/PNG/GIF/BMP) or a uint8 array -> float32 HxWx3; grayscale is repeated."""
+    if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    elif image.shape.rank == 2:
+        image = image[..., None]
+    image = tf.cast(image, tf.float32)
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
+    image.set_shape([None, None, 3])
+    return image
+
+
+@register("decode")
+def decode():
+    return lambda features, seed: _replace_image(features, decode_to_rgb(features["image"]))
+
+
+def sample_inception_box(height, width, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """(top, left, crop_height, crop_width) of a random-resized crop: a random area fraction in
+    `scale` and log-uniform aspect ratio in `ratio`; the first of `attempts` draws that fits wins,
+    else the central crop with the aspect ratio clamped into `ratio`."""
+    area_seed, ratio_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    target_area = height_f * width_f * _uniform(area_seed, scale[0], scale[1], [attempts])
+    aspect = tf.exp(_uniform(ratio_seed, math.log(ratio[0]), math.log(ratio[1]), [attempts]))
+    crop_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    crop_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+
+    def random_box():
+        h, w = crop_h[first], crop_w[first]
+        offsets = _uniform(offset_seed, shape=[2])
+        top = tf.cast(offsets[0] * tf.cast(height - h + 1, tf.float32), tf.int32)
+        left = tf.cast(offsets[1] * tf.cast(width - w + 1, tf.float32), tf.int32)
+        return tf.stack([tf.minimum(top, height - h), tf.minimum(left, width - w), h, w])
+
+    def central_box():
+        image_ratio = width_f / height_f
+        w = tf.where(image_ratio > ratio[1], tf.round(height_f * ratio[1]), width_f)
+        h = tf.where(image_ratio < ratio[0], tf.round(width_f / ratio[0]), height_f)
+        h, w = tf.cast(h, tf.int32), tf.cast(w, tf.int32)
+        return tf.stack([(height - h) // 2, (width - w) // 2, h, w])
+
+    return tf.unstack(tf.cond(tf.reduce_any(fits), random_box, central_box))
+
+
+@register("inception_crop")
+def inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3):
+    """Random-resized (Inception) crop, resized bicubic to size x size."""
+
+    def op(features, seed):
+        image = features["image"]
+        shape = tf.shape(image)
+        top, left, h, w = sample_inception_box(shape[0], shape[1], seed, (scale_min, scale_max), (ratio_min, ratio_max))
+        crop = image[top : top + h, left : left + w]
+        resized = resize_bicubic(crop, size, size)
+        return _replace_image(features, tf.ensure_shape(resized, [size, size, 3]))
+
+    return op
+
+
+@register("flip_lr")
+def flip_lr(probability=0.5):
+    def op(features, seed):
+        image = features["image"]
+        flipped = tf.cond(_uniform(seed) < probability, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        return _replace_image(features, flipped)
+
+    return op
+
+
+@register("resize")
+def resize(size):
+    """Resize to size x size, ignoring the aspect ratio."""
+    return lambda features, seed: _replace_image(
+        features, tf.ensure_shape(resize_bicubic(features["image"], size, size), [size, size, 3])
+    )
+
+
+def shorter_side_target(size: int, crop_pct: float) -> int:
+    """The evaluation rule: the shorter side becomes floor(size / crop_pct) (224 / 0.875 -> 256)."""
+    return int(math.floor(size / crop_pct))
+
+
+@register("resize_shorter")
+def resize_shorter(size, crop_pct=1.0):
+    """Resize keeping the aspect ratio so the shorter side is floor(size / crop_pct)."""
+    target = shorter_side_target(size, crop_pct)
+
+    def op(features, seed):
+        image = features["image"]
+        shape = tf.shape(image)
+        height, width = shape[0], shape[1]
+        longer = lambda long_side, short_side: tf.cast(  # noqa: E731
+            tf.cast(target, tf.int64) * tf.cast(long_side, tf.int64) // tf.cast(short_side, tf.int64), tf.int32
+        )
+        new_h = tf.where(height <= width, target, longer(height, width))
+        new_w = tf.where(height <= width, longer(width, height), target)
+        return _replace_image(features, resize_bicubic(image, new_h, new_w))
+
+    return op
+
+
+@register("center_crop")
+def center_crop(size):
+    """The central size x size window (rounded as torchvision does); the image must be large enough."""
+
+    def op(features, seed):
+        image = features["image"]
+        shape = tf.shape(image)
+        tf.debugging.assert_greater_equal(tf.reduce_min(shape[:2]), size, message=f"center_crop({size}) needs a larger image")
+        top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2), tf.int32)
+        left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2), tf.int32)
+        return _replace_image(features, tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3]))
+
+    return op
+
+
+@register("value_range")
+def value_range(low=0.0, high=1.0):
+    """Maps [0, 255] linearly onto [low, high]."""
+    return lambda features, seed: _replace_image(features, low + features["image"] * ((high - low) / 255.0))
+
+
+@register("normalize")
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """(x - mean) / std per channel; by default ImageNet's, for images in [0, 1]."""
+    mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+    return lambda features, seed: _replace_image(features, (features["image"] - mean_t) / std_t)
+
+
+@register("randaug")
+def randaug_op(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True):
+    """RandAugment on [0, 255] images: e.g. randaug(2, 9, 0.5) is timm's rand-m9-mstd0.5-inc1."""
+    augment = randaug.RandAugment(num_layers, magnitude, magnitude_std, increasing)
+    return lambda features, seed: _replace_image(features, augment(features["image"], seed))
+
+
+def sample_erase_box(height, width, seed, area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(3.3)), attempts=10):
+    """(found, top, left, h, w) of a random box covering an `area` fraction with log-uniform aspect;
+    the first of `attempts` draws that fits strictly inside wins, and none may fit."""
+    area_seed, aspect_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    total = tf.cast(height * width, tf.float32)
+    target = total * _uniform(area_seed, area[0], area[1], [attempts])
+    aspect = tf.exp(_uniform(aspect_seed, log_aspect[0], log_aspect[1], [attempts]))
+    box_h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+    box_w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+    fits = (box_h < height) & (box_w < width)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    h, w = box_h[first], box_w[first]
+    offsets = _uniform(offset_seed, shape=[2])
+    top = tf.minimum(tf.cast(offsets[0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
+    left = tf.minimum(tf.cast(offsets[1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
+    return tf.reduce_any(fits), top, left, h, w
+
+
+@register("random_erase")
+def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3, aspect_max=3.3):
+    """Random erasing, mode "pixel": one box per image, with probability `probability`, replaced by
+    per-pixel standard-normal values (the images are normalised by now)."""
+
+    def erase(image, seed):
+        box_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        shape = tf.shape(image)
+        found, top, left, h, w = sample_erase_box(
+            shape[0], shape[1], box_seed, (area_min, area_max), (math.log(aspect_min), math.log(aspect_max))
+        )
+        rows, cols = tf.range(shape[0])[:, None, None], tf.range(shape[1])[None, :, None]
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w) & found
+        noise = tf.random.stateless_normal(shape, seed=noise_seed)
+        return tf.where(inside, noise, image)
+
+    def op(features, seed):
+        gate_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = features["image"]
+        erased = tf.cond(_uniform(gate_seed) < probability, lambda: erase(image, erase_seed), lambda: image)
+        return _replace_image(features, erased)
+
+    return op
