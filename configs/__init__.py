@@ -1,0 +1,1 @@
+"""ml-collections configs: one file per model family, sharing `common`."""

@@ -1,0 +1,82 @@
+"""Fields shared by every config: the official ImageNet recipe, and the Fashion-MNIST demo.
+
+Config files call `imagenet_config(...)` and, for the ":demo" argument, `to_demo(...)`; then lock.
+"""
+import ml_collections
+
+from shunted_jax import data
+
+DEMO_PP_TRAIN = "decode|resize(32)|flip_lr|value_range(0,1)|normalize"
+DEMO_PP_EVAL = "decode|resize(32)|value_range(0,1)|normalize"
+
+
+def parse_arg(arg: str | None) -> dict:
+    """'demo' -> {'demo': True}; 'variant=b2,demo' -> {'variant': 'b2', 'demo': True}."""
+    parsed = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        parsed[key.strip()] = value.strip() if value else True
+    return parsed
+
+
+def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: float = 0.0):
+    """The official ImageNet-1k recipe (Shunted / PVTv2 papers, DeiT-style training) at 224 pixels."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(
+        {"name": model_name, "drop_path_rate": drop_path_rate, "dtype": "bfloat16"})
+
+    config.data = data.default_config()
+    config.data.name = "imagenet2012"
+    config.data.image_size = 224
+    config.data.repeated_aug = 3
+
+    config.global_batch_size = 1024
+    config.eval_batch_size = 1024
+    # Durations: a step count >= 0 wins over the epoch count.
+    config.num_epochs = 300.0
+    config.num_train_steps = -1
+    config.accumulation_steps = 1  # micro-batches per step (same global batch, less memory)
+
+    config.optimizer = ml_collections.ConfigDict({
+        "base_lr": 5e-4,  # x global_batch_size / 512
+        "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "weight_decay": 0.05,  # kernels only
+        "warmup_epochs": 5.0, "warmup_steps": -1,
+        "warmup_init_lr": 1e-6, "min_lr": 1e-5,
+        "grad_clip_norm": grad_clip_norm,  # 0 = off
+    })
+    config.label_smoothing = 0.1
+    config.mixup = ml_collections.ConfigDict(
+        {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5})
+    config.ema_decay = 0.0  # e.g. 0.9999 keeps (and evaluates) an EMA of the weights
+    config.seed = 0
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    config.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "asynchronous": True})
+    config.log_every_steps = 100
+    config.eval_every_steps = -1
+    config.eval_every_epochs = 1.0
+    config.init_from = ""  # a checkpoint converted by shunted_jax.convert, for fine-tuning
+    config.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto_detect": False})
+    return config
+
+
+def to_demo(config, model_overrides: dict):
+    """Fashion-MNIST at 32x32 with a small model: minutes on a laptop CPU, float32, no mixup."""
+    config.model.update({"drop_path_rate": 0.0, "dtype": "float32", **model_overrides})
+    config.data.name = data.DEMO_NAME
+    config.data.image_size = 32
+    config.data.repeated_aug = 1
+    config.data.pp_train = DEMO_PP_TRAIN
+    config.data.pp_eval = DEMO_PP_EVAL
+    config.global_batch_size = 128
+    config.eval_batch_size = 1000
+    config.num_epochs = 4.0
+    config.optimizer.base_lr = 1e-3
+    config.optimizer.warmup_epochs = 0.5
+    config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
+    config.checkpoint.every_steps = 500
+    config.log_every_steps = 50
+    config.eval_every_epochs = 2.0
+    return config

@@ -1,0 +1,19 @@
+"""Shunted-T (11.5M parameters) on ImageNet-1k with the official recipe.
+
+    python train.py --config configs/shunted_t.py --workdir DIR
+        300 epochs at global batch 1024; the paper reports 79.8% top-1 (224x224).
+    python train.py --config configs/shunted_t.py:demo --workdir /tmp/demo
+        Fashion-MNIST demo at 32x32 on CPU; see docs/training.md for the measured accuracy and time.
+"""
+from configs import common
+
+DEMO_MODEL = {"embed_dims": (32, 64, 96, 128), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2)}
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg)
+    config = common.imagenet_config("shunted_t", drop_path_rate=0.1)
+    if args.get("demo"):
+        common.to_demo(config, DEMO_MODEL)
+    config.lock()
+    return config

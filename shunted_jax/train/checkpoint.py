@@ -1,0 +1,54 @@
+"""Orbax checkpoints of the train state: asynchronous, atomic, kept K deep, restorable onto any mesh.
+
+Each checkpoint has two items: "state" (the TrainState; its step is also the data position) and
+"meta" (JSON: the model config, to refuse restoring into a different model).
+"""
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_checkpoint_manager(directory, checkpoint_config) -> ocp.CheckpointManager:
+    """Saves every `every_steps` steps (plus forced saves), keeps the last `keep`.
+
+    Orbax writes each checkpoint into a temporary directory and renames it when complete, so an
+    interrupted save is never listed or restored.
+    """
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=checkpoint_config.every_steps, max_to_keep=checkpoint_config.keep,
+        enable_async_checkpointing=checkpoint_config.asynchronous, create=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, state, meta: dict, *, force: bool = False) -> bool:
+    """Starts a (possibly asynchronous) save at the state's step; returns whether one was started."""
+    step = int(jax.device_get(state.step))
+    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def abstract_like(state, state_sharding):
+    """Shape/dtype/sharding placeholders to restore into: the current mesh decides the layout."""
+    return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+                        state, state_sharding)
+
+
+def describe_mismatch(expected: dict, found: dict) -> str:
+    """The differing fields of two flat config dicts, as 'field: found != expected'."""
+    keys = sorted(set(expected) | set(found))
+    return ", ".join(f"{key}: {found.get(key)!r} != {expected.get(key)!r}"
+                     for key in keys if expected.get(key) != found.get(key))
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
+    """Restores the latest (or given) step into `abstract_state`'s shardings.
+
+    Raises ValueError naming the differing fields when the checkpoint was written for another model.
+    """
+    step = manager.latest_step() if step is None else step
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["model"] != model_meta["model"]:
+        raise ValueError(f"checkpoint {manager.directory}/{step} was written for another model "
+                         f"({describe_mismatch(model_meta['model'], meta['model'])}); use a fresh --workdir "
+                         "or config.init_from for fine-tuning")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]

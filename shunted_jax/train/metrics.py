@@ -1,0 +1,71 @@
+"""Where progress goes: a log line, `metrics.jsonl` (one JSON record per line) and TensorBoard."""
+import json
+import pathlib
+
+from absl import logging
+
+
+def _tensorboard_writer(directory: pathlib.Path):
+    """A tensorboardX writer (no TensorFlow needed), or None with a warning when it is not installed."""
+    try:
+        import tensorboardX
+    except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard summaries, only metrics.jsonl")
+        return None
+    return tensorboardX.SummaryWriter(str(directory))
+
+
+class MetricsWriter:
+    """Writes records {"kind": "train"|"eval", "step": int, ...scalars} on the chief process only.
+
+    After a resume, steps since the last checkpoint are written again: readers keep the last
+    record per (kind, step).
+    """
+
+    def __init__(self, workdir, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if enabled:
+            workdir = pathlib.Path(workdir)
+            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._tensorboard = _tensorboard_writer(workdir / "tensorboard")
+
+    def write(self, kind: str, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(f"{kind}/{name}", float(value), int(step))
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file, the last one per (kind, step), in step order."""
+    latest = {}
+    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        latest[(record["kind"], record["step"])] = record
+    return sorted(latest.values(), key=lambda record: (record["step"], record["kind"]))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step: int, total_steps: int, steps_per_epoch: int, metrics: dict,
+                  images_per_second: float, seconds_per_step: float) -> str:
+    """'step 100/1000 epoch 1.00 loss 2.3456 lr 1.2e-04 grad_norm 0.91 images/s 512.3 ETA 0:12:34'."""
+    return (f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} images/s {images_per_second:.1f} "
+            f"ETA {format_duration((total_steps - step) * seconds_per_step)}")

@@ -1,0 +1,47 @@
+"""The official optimiser: AdamW with decay on kernels only and a warm-up + cosine learning rate."""
+import jax
+import jax.numpy as jnp
+import optax
+
+# The official recipe scales the learning rate linearly with the global batch, relative to this one.
+REFERENCE_BATCH_SIZE = 512
+
+
+def peak_learning_rate(base_lr: float, global_batch_size: int) -> float:
+    """Linear scaling rule of the official recipe: base_lr x global_batch / 512."""
+    return base_lr * global_batch_size / REFERENCE_BATCH_SIZE
+
+
+def warmup_cosine_schedule(*, peak_lr: float, total_steps: int, warmup_steps: int,
+                           warmup_init_lr: float, min_lr: float) -> optax.Schedule:
+    """Linear warm-up from `warmup_init_lr`, then cosine from `peak_lr` down to `min_lr`.
+
+    As timm's CosineLRScheduler (warmup_prefix=False): the cosine phase is measured from step 0,
+    not from the end of the warm-up, so the two phases meet at cos(pi * warmup / total).
+    """
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = warmup_init_lr + (peak_lr - warmup_init_lr) * step / max(warmup_steps, 1)
+        progress = jnp.minimum(step / max(total_steps, 1), 1.0)
+        cosine = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warmup, cosine)
+    return schedule
+
+
+def weight_decay_mask(params):
+    """True for leaves named `kernel`, so biases, norm scales and BatchNorm parameters are not decayed.
+
+    Decided by name, not by rank: blocks stacked by `nn.scan` give biases a leading depth axis.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(optimizer_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW on `schedule`, preceded by global-norm clipping when `grad_clip_norm` > 0."""
+    adamw = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2,
+                        eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay,
+                        mask=weight_decay_mask)
+    if optimizer_config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), adamw)
+    return adamw

@@ -1,0 +1,58 @@
+"""The training state and its sharded creation."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from shunted_jax import models
+from shunted_jax.train import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `batch_stats` is {} for models without BatchNorm (PVTv2);
+    `ema_params` is None unless an exponential moving average of the weights is kept."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any = None
+
+    def variables(self, use_ema: bool = False) -> dict:
+        """The Flax variables to apply the model with (the EMA weights when asked and kept)."""
+        params = self.ema_params if use_ema and self.ema_params is not None else self.params
+        if self.batch_stats:
+            return {"params": params, "batch_stats": self.batch_stats}
+        return {"params": params}
+
+
+def create_model(model_config, num_classes: int):
+    """`models.create(name, num_classes=..., **fields)` from a config.model ConfigDict; dtypes given by name."""
+    fields = model_config.to_dict()
+    name = fields.pop("name")
+    for key in ("dtype", "param_dtype"):
+        if key in fields:
+            fields[key] = jnp.dtype(fields[key])
+    return models.create(name, num_classes=num_classes, **fields)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, mesh, *, image_size: int,
+                       seed: int = 0, keep_ema: bool = False):
+    """Initialises the state directly in its target sharding (never whole on one device).
+
+    Returns (state, state_sharding); the sharding pytree is what steps and checkpoint restores use.
+    """
+    def init(rng):
+        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        variables = model.init({"params": rng}, images, train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                          ema_params=params if keep_ema else None)
+
+    rng = jax.random.key(seed)
+    target_sharding = sharding.state_sharding(jax.eval_shape(init, rng), mesh)
+    state = jax.jit(init, out_shardings=target_sharding)(rng)
+    return state, target_sharding

@@ -1,0 +1,33 @@
+"""Train or evaluate a Shunted Transformer / PVTv2 model.
+
+    python train.py --config configs/shunted_t.py --workdir /tmp/shunted_t
+    python train.py --config configs/shunted_t.py:demo --workdir /tmp/demo
+    python train.py --config configs/shunted_t.py --workdir /tmp/shunted_t --mode=eval
+    python train.py --config configs/pvt_v2.py:variant=b2 --config.global_batch_size=256 --workdir ...
+
+See docs/training.md.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from shunted_jax import train
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shunted_t.py:demo.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here; resumes from it.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate the latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if flags.FLAGS.mode == "eval":
+        train.evaluate_checkpoint(config, workdir)
+    else:
+        train.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
