@@ -1,0 +1,212 @@
+"""Each preprocessing op on real (natural-looking and Fashion-MNIST) images."""
+import numpy as np
+import pytest
+from test_data_helpers import jpeg_bytes, natural_image
+
+from shunted_jax.data import config, ops, randaug, registry
+from shunted_jax.data.fashion_mnist_demo import DEBIAN_DIR, read_idx
+from shunted_jax.data.tf_import import tensorflow
+
+tf = tensorflow()
+SEED = tf.constant([3, 4], tf.int64)
+
+
+def run_op(spec: str, image, seed=SEED) -> np.ndarray:
+    (_, op), = registry.parse(spec)
+    return op({"image": tf.convert_to_tensor(image)}, tf.constant(seed, tf.int64))["image"].numpy()
+
+
+def seeds(count: int):
+    return [tf.constant([7, index], tf.int64) for index in range(count)]
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return natural_image(96, 128).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fashion_images() -> np.ndarray:
+    return read_idx(f"{DEBIAN_DIR}/t10k-images-idx3-ubyte.gz")[:8]
+
+
+def test_decode_jpeg_gives_float_rgb_close_to_the_original():
+    original = natural_image(48, 64)
+    decoded = run_op("decode", jpeg_bytes(original))
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.float32
+    assert np.abs(decoded - original).mean() < 6
+
+
+def test_decode_repeats_grayscale_into_three_channels(fashion_images):
+    from_png = run_op("decode", tf.io.encode_png(fashion_images[0][..., None]).numpy())
+    from_array = run_op("decode", fashion_images[0][..., None])
+    for decoded in (from_png, from_array):
+        assert decoded.shape == (28, 28, 3)
+        np.testing.assert_array_equal(decoded[..., 0], fashion_images[0])
+        np.testing.assert_array_equal(decoded[..., 2], decoded[..., 0])
+
+
+def test_inception_box_respects_scale_and_ratio_and_varies():
+    boxes = [[int(v) for v in ops.sample_inception_box(375, 500, seed)] for seed in seeds(50)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        assert 0.08 * 0.95 <= h * w / (375 * 500) <= 1.0
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    assert len({tuple(box) for box in boxes}) == 50
+
+
+def test_inception_crop_resizes_the_sampled_box(photo):
+    out = run_op("inception_crop(32)", photo)
+    top, left, h, w = [int(v) for v in ops.sample_inception_box(96, 128, SEED)]
+    assert out.shape == (32, 32, 3) and out.min() >= 0 and out.max() <= 255
+    assert (h, w) != (96, 128)
+    expected = ops.resize_bicubic(photo[top : top + h, left : left + w], 32, 32).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_inception_crop_falls_back_to_a_central_crop_when_nothing_fits():
+    tall = np.zeros((400, 10, 3), np.float32)
+    top, left, h, w = [int(v) for v in ops.sample_inception_box(400, 10, SEED, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))]
+    assert (w, h) == (10, round(10 / (3 / 4))) and top == (400 - h) // 2 and left == 0
+    assert run_op("inception_crop(16, scale_min=0.9)", tall).shape == (16, 16, 3)
+
+
+def test_flip_lr_mirrors_the_image(photo):
+    np.testing.assert_array_equal(run_op("flip_lr(1.0)", photo), photo[:, ::-1])
+    np.testing.assert_array_equal(run_op("flip_lr(0.0)", photo), photo)
+    flipped = [not np.array_equal(run_op("flip_lr", photo, seed), photo) for seed in seeds(40)]
+    assert 8 < sum(flipped) < 32
+
+
+def test_eval_resize_follows_the_crop_pct_rule():
+    assert ops.shorter_side_target(224, 0.875) == 256
+    landscape = np.zeros((375, 500, 3), np.float32)
+    assert run_op("resize_shorter(224, 0.875)", landscape).shape == (256, 341, 3)
+    assert run_op("resize_shorter(224, 0.875)", landscape.transpose(1, 0, 2)).shape == (341, 256, 3)
+
+
+def test_center_crop_takes_the_middle(photo):
+    out = run_op("center_crop(32)", photo)
+    np.testing.assert_array_equal(out, photo[32:64, 48:80])
+
+
+def test_default_eval_pipeline_matches_resize_then_center_crop():
+    original = natural_image(150, 200, seed=3)
+    pp = registry.build(config.DEFAULT_PP_EVAL.format(image_size=112))
+    out = pp({"image": tf.constant(jpeg_bytes(original))}, SEED)["image"].numpy()
+    decoded = ops.decode_to_rgb(tf.constant(jpeg_bytes(original)))
+    resized = ops.resize_bicubic(decoded, 128, 170).numpy()
+    expected = (resized[8:120, 29:141] / 255.0 - ops.IMAGENET_MEAN) / ops.IMAGENET_STD
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_value_range_and_normalize(photo):
+    unit = run_op("value_range(0, 1)", photo)
+    assert unit.min() >= 0 and unit.max() <= 1
+    np.testing.assert_allclose(unit * 255, photo, rtol=1e-5)
+    mean_image = np.broadcast_to(np.array(ops.IMAGENET_MEAN, np.float32), (4, 4, 3))
+    np.testing.assert_allclose(run_op("normalize", mean_image), 0, atol=1e-6)
+    np.testing.assert_allclose(run_op("normalize", mean_image + np.array(ops.IMAGENET_STD, np.float32)), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", range(len(randaug.OPERATION_NAMES)))
+def test_every_randaug_operation_changes_a_photo_and_stays_in_range(photo, index):
+    augment = randaug.RandAugment()
+    out = augment.apply_operation(tf.constant(photo), tf.constant(index), tf.constant(0.9), tf.constant(1.0)).numpy()
+    assert out.shape == photo.shape and out.min() >= 0 and out.max() <= 255
+    assert np.abs(out - photo).mean() > 1, randaug.OPERATION_NAMES[index]
+
+
+def test_randaug_has_all_fifteen_timm_operations():
+    assert set(randaug.OPERATION_NAMES) == {
+        "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+        "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["Rotate", "Solarize", "SolarizeAdd", "Posterize", "Color", "ShearX", "TranslateYRel"])
+def test_operations_grow_with_magnitude(photo, name):
+    """Severity grows with the level; all but Posterize (4 bits kept at level 0, as timm) start at identity."""
+    augment = randaug.RandAugment()
+    index = tf.constant(randaug.OPERATION_NAMES.index(name))
+    change = [
+        np.abs(augment.apply_operation(tf.constant(photo), index, tf.constant(level), tf.constant(1.0)).numpy() - photo).mean()
+        for level in (0.0, 0.5, 1.0)
+    ]
+    assert change[0] < change[1] < change[2]
+    assert (change[0] < 1) == (name != "Posterize")
+
+
+def test_randaug_magnitude_changes_the_output(photo):
+    weak, strong = run_op("randaug(2, 1, 0.0)", photo), run_op("randaug(2, 9, 0.0)", photo)
+    differing = sum(
+        not np.allclose(run_op("randaug(2, 1, 0.0)", photo, seed), run_op("randaug(2, 9, 0.0)", photo, seed))
+        for seed in seeds(12)
+    )
+    assert differing >= 6
+    np.testing.assert_array_equal(run_op("randaug(2, 9, 0.0)", photo), strong)
+    assert weak.shape == strong.shape == photo.shape
+
+
+def test_randaug_on_fashion_mnist_is_deterministic_per_seed(fashion_images):
+    image = np.repeat(fashion_images[1][..., None], 3, axis=-1).astype(np.float32)
+    outputs = [run_op("randaug(2, 9, 0.5)", image, seed) for seed in seeds(10)]
+    assert all(out.shape == (28, 28, 3) for out in outputs)
+    assert len({out.tobytes() for out in outputs}) >= 5
+    np.testing.assert_array_equal(run_op("randaug(2, 9, 0.5)", image, seeds(1)[0]), outputs[0])
+
+
+def test_equalize_and_auto_contrast_stretch_a_dull_photo(photo):
+    dull = 100 + photo * 0.2
+    for name in ("Equalize", "AutoContrast"):
+        index = tf.constant(randaug.OPERATION_NAMES.index(name))
+        out = randaug.RandAugment().apply_operation(tf.constant(dull), index, tf.constant(0.5), tf.constant(1.0)).numpy()
+        assert out.std() > 2 * dull.std() and out.max() >= 250 and out.min() <= 5
+
+
+def test_random_erase_replaces_one_box_with_gaussian_noise():
+    image = np.full((64, 64, 3), 5.0, np.float32)
+    out = run_op("random_erase(1.0)", image)
+    erased = np.any(out != 5.0, axis=-1)
+    rows, cols = np.nonzero(erased)
+    box_h, box_w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert erased.sum() == box_h * box_w
+    assert 0.02 * 0.9 <= box_h * box_w / 64**2 <= 1 / 3 * 1.1
+    noise = out[erased]
+    assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
+    np.testing.assert_array_equal(run_op("random_erase(0.0)", image), image)
+
+
+def test_random_erase_probability_is_respected():
+    image = np.full((32, 32, 3), 5.0, np.float32)
+    erased = sum(not np.array_equal(run_op("random_erase(0.25)", image, seed), image) for seed in seeds(80))
+    assert 8 <= erased <= 32
+
+
+def test_full_training_pipeline_output(photo):
+    encoded = tf.constant(jpeg_bytes(photo.astype(np.uint8)))
+    full = registry.build(config.DEFAULT_PP_TRAIN.format(image_size=64))
+    before_erasing = registry.build(config.DEFAULT_PP_TRAIN.format(image_size=64).replace("|random_erase(0.25)", ""))
+    low = -max(m / s for m, s in zip(ops.IMAGENET_MEAN, ops.IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(ops.IMAGENET_MEAN, ops.IMAGENET_STD))
+    for seed in seeds(3):
+        normalised = before_erasing({"image": encoded}, seed)["image"].numpy()
+        assert normalised.shape == (64, 64, 3) and low - 1e-5 <= normalised.min() and normalised.max() <= high + 1e-5
+    outs = [full({"image": encoded}, seed)["image"].numpy() for seed in seeds(3)]
+    assert all(out.shape == (64, 64, 3) and out.dtype == np.float32 and np.isfinite(out).all() for out in outs)
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_parse_rejects_bad_strings_early():
+    with pytest.raises(ValueError, match="unknown preprocessing op 'no_such_op'"):
+        registry.parse("decode|no_such_op(3)")
+    with pytest.raises(ValueError, match="cannot parse"):
+        registry.parse("decode|resize(")
+    with pytest.raises(ValueError, match="bad arguments"):
+        registry.parse("flip_lr(1, 2, 3)")
+    with pytest.raises(ValueError, match="empty"):
+        registry.parse(" | ")
+    with pytest.raises(ValueError, match="magnitude"):
+        registry.parse("randaug(2, 11)")
+    names = [spec for spec, _ in registry.parse("decode|inception_crop(224, scale_min=0.5)|flip_lr")]
+    assert names == ["decode", "inception_crop(224, scale_min=0.5)", "flip_lr"]
