@@ -77,7 +77,7 @@ class FashionMnistDemo(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        folder = source_dir(str(dl_manager.manual_dir) if dl_manager.manual_dir else "")
+        folder = source_dir(str(dl_manager.manual_dir))
         return {
             split: self._generate_examples(os.path.join(folder, images), os.path.join(folder, labels))
             for split, (images, labels) in SPLIT_FILES.items()

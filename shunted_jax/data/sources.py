@@ -113,6 +113,10 @@ class TfdsSource:
 
 def prepare_builder(builder, manual_dir: str) -> None:
     """Builds the tfds dataset, reading manually downloaded files from `manual_dir` if given."""
+    if builder.name == config_lib.DEMO_NAME:
+        from shunted_jax.data.fashion_mnist_demo import source_dir
+
+        manual_dir = source_dir(manual_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     builder.download_and_prepare(download_config=download_config)
 

@@ -1,0 +1,153 @@
+"""train_iterator / eval_iterator on synthetic data and on the Fashion-MNIST demo (a real tfds dataset)."""
+import collections
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_data_helpers import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
+
+from shunted_jax import data
+from shunted_jax.data.sources import DatasetNotPreparedError
+from shunted_jax.data.tf_import import tensorflow_datasets
+
+PLAIN_PP = "decode|resize(32)|value_range(0,1)|normalize"
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(left, right):
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_package_and_synthetic_data_need_no_tensorflow():
+    code = (
+        "import sys; from shunted_jax import data; cfg = data.default_config(); cfg.name = 'synthetic';"
+        "next(data.train_iterator(cfg, 4)); list(data.eval_iterator(cfg, 4)); data.dataset_info(cfg);"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_synthetic_train_is_deterministic_and_resumable():
+    cfg = small_config(name="synthetic", num_classes=7)
+    batches = take(data.train_iterator(cfg, 16, process_index=1, process_count=2), 4)
+    assert batches[0]["image"].shape == (8, 32, 32, 3) and batches[0]["image"].dtype == np.float32
+    assert batches[0]["label"].dtype == np.int32 and batches[0]["label"].max() < 7
+    assert_same_batches(take(data.train_iterator(cfg, 16, 1, 2, start_step=2), 2), batches[2:])
+    other_process = next(data.train_iterator(cfg, 16, 0, 2))
+    assert not np.array_equal(other_process["image"], batches[0]["image"])
+
+
+def collect_eval(cfg, global_batch, process_count):
+    per_process = [list(data.eval_iterator(cfg, global_batch, index, process_count)) for index in range(process_count)]
+    assert len({len(batches) for batches in per_process}) == 1, "every process must yield the same number of batches"
+    labels = [b["label"][b["mask"]] for batches in per_process for b in batches]
+    return per_process, np.concatenate(labels)
+
+
+def test_synthetic_eval_counts_every_example_once():
+    cfg = small_config(name="synthetic", num_eval_examples=50)
+    per_process, labels = collect_eval(cfg, 12, 3)
+    assert len(labels) == 50
+    _, single = collect_eval(cfg, 12, 1)
+    assert collections.Counter(labels.tolist()) == collections.Counter(single.tolist())
+    last = per_process[2][-1]
+    assert last["mask"].dtype == np.bool_ and not last["mask"].all()
+
+
+@pytest.mark.parametrize("global_batch, processes", [(10, 3), (0, 1)])
+def test_batch_size_must_divide_among_processes(global_batch, processes):
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        data.train_iterator(small_config(name="synthetic"), global_batch, 0, processes)
+
+
+def test_bad_config_values_fail_early():
+    with pytest.raises(ValueError, match="on_corrupt"):
+        data.dataset_info(small_config(name="synthetic", on_corrupt="ignore"))
+    with pytest.raises(ValueError, match="repeated_aug"):
+        data.train_iterator(small_config(name="synthetic", repeated_aug=0), 8)
+    with pytest.raises(ValueError, match="process_index"):
+        data.eval_iterator(small_config(name="synthetic"), 8, 2, 2)
+
+
+def test_demo_dataset_is_a_real_tfds_dataset(demo_data_dir):
+    info = data.dataset_info(small_config(data_dir=demo_data_dir))
+    assert info == data.DatasetInfo(num_classes=10, num_train_examples=60_000, num_eval_examples=10_000, image_size=32)
+    builder = tensorflow_datasets().builder("fashion_mnist_demo", data_dir=demo_data_dir)
+    assert builder.is_prepared() and builder.info.features["image"].shape == (28, 28, 1)
+
+
+def test_demo_train_batches_are_normalised_rgb(demo_data_dir):
+    batch = next(data.train_iterator(small_config(data_dir=demo_data_dir), 32))
+    assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    assert set(batch["label"].tolist()) <= set(range(10)) and len(set(batch["label"].tolist())) > 3
+    assert -3 < batch["image"].mean() < 3 and 0.3 < batch["image"].std() < 3
+
+
+def test_resume_matches_an_uninterrupted_run_across_epochs(demo_data_dir):
+    cfg = small_config(data_dir=demo_data_dir, train_split="train[:96]")
+    uninterrupted = take(data.train_iterator(cfg, 32), 8)
+    assert_same_batches(take(data.train_iterator(cfg, 32, start_step=4), 4), uninterrupted[4:])
+    epoch_labels = [np.concatenate([b["label"] for b in uninterrupted[e * 3 : e * 3 + 3]]) for e in range(2)]
+    assert sorted(epoch_labels[0]) == sorted(epoch_labels[1]), "each epoch sees the same 96 examples"
+    assert not np.array_equal(epoch_labels[0], epoch_labels[1]), "in a new order"
+
+
+def test_seed_changes_order_and_augmentation(demo_data_dir):
+    first = next(data.train_iterator(small_config(data_dir=demo_data_dir, seed=1), 16))
+    second = next(data.train_iterator(small_config(data_dir=demo_data_dir, seed=2), 16))
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_processes_read_disjoint_training_examples(demo_data_dir):
+    cfg = small_config(data_dir=demo_data_dir, train_split="train[:64]", pp_train=PLAIN_PP)
+    epochs = [take(data.train_iterator(cfg, 32, index, 2), 2) for index in range(2)]
+    seen = [{image.tobytes() for batch in epoch for image in batch["image"]} for epoch in epochs]
+    assert epochs[0][0]["image"].shape == (16, 32, 32, 3)
+    assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
+
+
+def test_repeated_augmentation_repeats_each_example_with_new_augmentations(demo_data_dir):
+    plain = small_config(data_dir=demo_data_dir, pp_train=PLAIN_PP, repeated_aug=3)
+    images = next(data.train_iterator(plain, 30))["image"]
+    np.testing.assert_array_equal(images[0::3], images[1::3])
+    np.testing.assert_array_equal(images[0::3], images[2::3])
+    augmented = next(data.train_iterator(small_config(data_dir=demo_data_dir, repeated_aug=3), 30))
+    assert np.array_equal(augmented["label"][0::3], augmented["label"][1::3])
+    assert not np.array_equal(augmented["image"][0::3], augmented["image"][1::3])
+
+
+def test_demo_eval_counts_every_example_once_over_processes(demo_data_dir):
+    cfg = small_config(data_dir=demo_data_dir, eval_split="test[:100]")
+    per_process, labels = collect_eval(cfg, 24, 3)
+    assert len(labels) == 100 and per_process[0][0]["image"].shape == (8, 32, 32, 3)
+    expected = tensorflow_datasets().load("fashion_mnist_demo", split="test[:100]", data_dir=demo_data_dir)
+    assert collections.Counter(labels.tolist()) == collections.Counter(int(ex["label"]) for ex in expected)
+    padding = per_process[2][-1]
+    assert not padding["mask"].all() and (padding["image"][~padding["mask"]] == 0).all()
+
+
+def test_eval_defaults_to_the_test_split_when_there_is_no_validation(demo_data_dir):
+    assert data.dataset_info(small_config(data_dir=demo_data_dir, eval_split="")).num_eval_examples == 10_000
+    with pytest.raises(ValueError, match="no evaluation split 'validation'"):
+        data.dataset_info(small_config(data_dir=demo_data_dir, eval_split="validation"))
+
+
+def test_a_bad_preprocessing_string_fails_before_iterating(demo_data_dir):
+    with pytest.raises(ValueError, match="unknown preprocessing op 'blur'"):
+        data.train_iterator(small_config(data_dir=demo_data_dir, pp_train="decode|blur(3)"), 8)
+
+
+def test_unprepared_and_unknown_datasets_say_what_to_do(tmp_path):
+    with pytest.raises(DatasetNotPreparedError, match="ILSVRC2012_img_train.tar") as err:
+        data.train_iterator(small_config(name="imagenet2012", data_dir=str(tmp_path)), 8)
+    assert "python -m shunted_jax.data.prepare --name imagenet2012" in str(err.value)
+    with pytest.raises(ValueError, match="neither a tfds dataset"):
+        data.dataset_info(small_config(name="no_such_dataset_xyz", data_dir=str(tmp_path)))
