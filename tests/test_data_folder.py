@@ -1,0 +1,69 @@
+"""`folder:` datasets: class sub-folders of JPEGs, with undecodable files reported by name."""
+import os
+
+import numpy as np
+import pytest
+from test_data_helpers import natural_image, small_config, write_jpeg
+
+from shunted_jax import data
+from shunted_jax.data.sources import find_undecodable
+
+CLASSES = ("cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> str:
+    """ROOT/{train,val}/{cat,dog}/*.jpg plus a text file posing as a JPEG and a truncated JPEG."""
+    root = str(tmp_path_factory.mktemp("folder"))
+    for split, count in (("train", 6), ("val", 3)):
+        for label, name in enumerate(CLASSES):
+            for n in range(count):
+                write_jpeg(f"{root}/{split}/{name}/{n}.jpg", natural_image(40 + 10 * label, 50, seed=n + 20 * label))
+    with open(f"{root}/train/cat/notes.jpg", "w") as f:
+        f.write("this is not an image")
+    with open(f"{root}/train/dog/0.jpg", "rb") as f:
+        head = f.read(200)
+    with open(f"{root}/train/dog/truncated.jpg", "wb") as f:
+        f.write(head)
+    with open(f"{root}/train/dog/readme.txt", "w") as f:
+        f.write("ignored: not an image extension")
+    return root
+
+
+def folder_config(root, tmp_path, **overrides):
+    return small_config(name=f"folder:{root}", data_dir=str(tmp_path), eval_split="", **overrides)
+
+
+def test_undecodable_files_are_found_by_name(image_root):
+    paths = [f"{image_root}/train/cat/0.jpg", f"{image_root}/train/cat/notes.jpg", f"{image_root}/train/dog/truncated.jpg"]
+    assert find_undecodable(paths) == sorted(paths[1:])
+
+
+def test_skip_reports_and_drops_corrupt_files(image_root, tmp_path, capsys):
+    info = data.dataset_info(folder_config(image_root, tmp_path, on_corrupt="skip"))
+    assert info == data.DatasetInfo(num_classes=2, num_train_examples=12, num_eval_examples=6, image_size=32)
+    report = capsys.readouterr().out
+    assert "notes.jpg" in report and "truncated.jpg" in report and "skipping 2 file(s)" in report
+
+
+def test_fail_names_the_corrupt_files(image_root, tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)not decodable.*notes\.jpg.*truncated\.jpg"):
+        data.train_iterator(folder_config(image_root, tmp_path, on_corrupt="fail"), 4)
+
+
+def test_folder_batches_and_labels(image_root, tmp_path):
+    cfg = folder_config(image_root, tmp_path)
+    epoch = [batch for _, batch in zip(range(3), data.train_iterator(cfg, 4))]
+    assert epoch[0]["image"].shape == (4, 32, 32, 3) and epoch[0]["image"].dtype == np.float32
+    assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == [0] * 6 + [1] * 6
+    evaluated = list(data.eval_iterator(cfg, 4, 1, 2))
+    assert len(evaluated) == 2 and sum(b["mask"].sum() for b in evaluated) == 3
+
+
+def test_missing_folder_and_missing_classes_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.dataset_info(folder_config(tmp_path / "absent", tmp_path))
+    os.makedirs(tmp_path / "empty" / "train")
+    os.makedirs(tmp_path / "empty" / "val")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.dataset_info(folder_config(tmp_path / "empty", tmp_path))
