@@ -5,23 +5,15 @@ import numpy as np
 import pytest
 
 from shunted_jax import data
+from shunted_jax.data.bench import natural_image as _photo
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
 
 
 def natural_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
-    """uint8 HxWx3 with what photos have: smooth colour gradients, solid objects with edges, texture."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    sky = np.stack([60 + 120 * rows / height, 90 + 60 * cols / width, 200 - 80 * rows / height], axis=-1)
-    for _ in range(4):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ry, rx = rng.uniform(8, height / 3), rng.uniform(8, width / 3)
-        inside = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 < 1
-        sky[inside] = rng.uniform(0, 255, 3)
-    texture = rng.normal(0, 8, (height, width, 1))
-    return np.clip(sky + texture, 0, 255).astype(np.uint8)
+    """A natural-looking uint8 photo (gradients, objects, texture); see shunted_jax.data.bench."""
+    return _photo(height, width, seed)
 
 
 def jpeg_bytes(image: np.ndarray) -> bytes:

@@ -1,0 +1,89 @@
+"""Throughput of the input pipeline alone, with the full training augmentation:
+
+    python -m shunted_jax.data.bench
+
+Writes ImageNet-sized JPEGs (500x375 by default) of natural-looking synthetic photos into a
+temporary `folder:` dataset, runs train_iterator over them and reports images/s in total and
+per CPU core, and how many cores a given training throughput needs at that rate.
+"""
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from shunted_jax import data
+
+
+def natural_image(height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 HxWx3 with what photos have: smooth colour gradients, solid objects with edges, texture
+    (so JPEG sizes and decode costs resemble real photos, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([60 + 120 * rows / height, 90 + 60 * cols / width, 200 - 80 * rows / height], axis=-1)
+    for _ in range(4):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(8, height / 3), rng.uniform(8, width / 3)
+        image[((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 < 1] = rng.uniform(0, 255, 3)
+    return np.clip(image + rng.normal(0, 8, (height, width, 1)), 0, 255).astype(np.uint8)
+
+
+def write_folder_dataset(root: str, num_files: int, num_distinct: int, height: int, width: int) -> None:
+    """ROOT/train/c<k>/<n>.jpg: `num_distinct` encoded photos, hard-linked up to `num_files` files."""
+    from shunted_jax.data.tf_import import tensorflow
+
+    tf = tensorflow()
+    originals = []
+    for n in range(num_distinct):
+        path = os.path.join(root, "originals", f"{n}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tf.io.write_file(path, tf.io.encode_jpeg(natural_image(height, width, seed=n), quality=90))
+        originals.append(path)
+    for n in range(num_files):
+        class_dir = os.path.join(root, "train", f"c{n % 10}")
+        os.makedirs(class_dir, exist_ok=True)
+        os.link(originals[n % num_distinct], os.path.join(class_dir, f"{n}.jpg"))
+    os.makedirs(os.path.join(root, "val"), exist_ok=True)
+
+
+def measure(cfg, batch_size: int, warmup: int, batches: int) -> float:
+    """Images per second over `batches` batches, after `warmup` batches (tracing, buffer filling)."""
+    iterator = data.train_iterator(cfg, batch_size)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--jpeg_width", type=int, default=500)
+    parser.add_argument("--jpeg_height", type=int, default=375)
+    parser.add_argument("--distinct", type=int, default=64, help="distinct JPEGs encoded")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--pp", default=data.default_config().pp_train, help="training preprocessing string")
+    parser.add_argument("--target", type=float, default=2000.0, help="images/s a training run needs")
+    args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as root:
+        num_files = args.batch * (args.warmup + args.batches)
+        write_folder_dataset(root, num_files, min(args.distinct, num_files), args.jpeg_height, args.jpeg_width)
+        cfg = data.default_config()
+        cfg.update(name=f"folder:{root}", data_dir=os.path.join(root, "cache"), image_size=args.image_size, pp_train=args.pp)
+        rate = measure(cfg, args.batch, args.warmup, args.batches)
+    per_core = rate / cores
+    print(f"pipeline: {args.pp.format(image_size=args.image_size)}")
+    print(f"JPEG {args.jpeg_width}x{args.jpeg_height} -> {args.image_size}x{args.image_size}, batch {args.batch}, {cores} cores")
+    print(f"{rate:.0f} images/s, {per_core:.0f} images/s per core")
+    print(f"{args.target:.0f} images/s needs {math.ceil(args.target / per_core)} cores at this rate")
+
+
+if __name__ == "__main__":
+    main()
