@@ -4,7 +4,8 @@
 
 Writes ImageNet-sized JPEGs (500x375 by default) of natural-looking synthetic photos into a
 temporary `folder:` dataset, runs train_iterator over them and reports images/s in total and
-per CPU core, and how many cores a given training throughput needs at that rate.
+per CPU core (images per CPU-second, which other load on the machine does not distort),
+and how many cores a given training throughput needs at that rate.
 """
 import argparse
 import math
@@ -48,15 +49,18 @@ def write_folder_dataset(root: str, num_files: int, num_distinct: int, height: i
     os.makedirs(os.path.join(root, "val"), exist_ok=True)
 
 
-def measure(cfg, batch_size: int, warmup: int, batches: int) -> float:
-    """Images per second over `batches` batches, after `warmup` batches (tracing, buffer filling)."""
+def measure(cfg, batch_size: int, warmup: int, batches: int) -> tuple[float, float]:
+    """(images per wall-clock second, images per CPU-second of this process) over `batches`
+    batches after `warmup` ones (tracing, buffer filling). The CPU figure is the per-core rate,
+    and unlike the wall-clock one it holds on a machine that other work shares."""
     iterator = data.train_iterator(cfg, batch_size)
     for _ in range(warmup):
         next(iterator)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    return batches * batch_size / (time.perf_counter() - start)
+    images = batches * batch_size
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
 def main(argv=None) -> None:
@@ -77,11 +81,11 @@ def main(argv=None) -> None:
         write_folder_dataset(root, num_files, min(args.distinct, num_files), args.jpeg_height, args.jpeg_width)
         cfg = data.default_config()
         cfg.update(name=f"folder:{root}", data_dir=os.path.join(root, "cache"), image_size=args.image_size, pp_train=args.pp)
-        rate = measure(cfg, args.batch, args.warmup, args.batches)
-    per_core = rate / cores
+        rate, per_core = measure(cfg, args.batch, args.warmup, args.batches)
     print(f"pipeline: {args.pp.format(image_size=args.image_size)}")
     print(f"JPEG {args.jpeg_width}x{args.jpeg_height} -> {args.image_size}x{args.image_size}, batch {args.batch}, {cores} cores")
-    print(f"{rate:.0f} images/s, {per_core:.0f} images/s per core")
+    print(f"{rate:.0f} images/s on {cores} cores (wall clock, load {os.getloadavg()[0]:.1f})")
+    print(f"{per_core:.0f} images/s per core (images per CPU-second of the pipeline)")
     print(f"{args.target:.0f} images/s needs {math.ceil(args.target / per_core)} cores at this rate")
 
 
