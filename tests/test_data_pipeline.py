@@ -100,6 +100,12 @@ def test_resume_matches_an_uninterrupted_run_across_epochs(demo_data_dir):
     assert not np.array_equal(epoch_labels[0], epoch_labels[1]), "in a new order"
 
 
+def test_batches_do_not_depend_on_the_number_of_threads(demo_data_dir):
+    serial = take(data.train_iterator(small_config(data_dir=demo_data_dir, num_parallel_calls=1), 16), 2)
+    parallel = take(data.train_iterator(small_config(data_dir=demo_data_dir, num_parallel_calls=-1, prefetch=-1), 16), 2)
+    assert_same_batches(serial, parallel)
+
+
 def test_seed_changes_order_and_augmentation(demo_data_dir):
     first = next(data.train_iterator(small_config(data_dir=demo_data_dir, seed=1), 16))
     second = next(data.train_iterator(small_config(data_dir=demo_data_dir, seed=2), 16))
