@@ -7,8 +7,9 @@ with stateless randomness seeded from (cfg.seed, p, e, i). A batch is therefore 
 function of (cfg.seed, p, step), so resuming at step k re-reads only the skipped records
 of the current epoch and decodes none of them.
 """
+import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -57,39 +58,47 @@ def steps_per_epoch(num_train: int, local_batch: int, process_count: int) -> int
     return steps
 
 
-def _train_epoch_batches(source, cfg, preprocess, epoch, first_step, steps, local_batch, process_index, process_count):
-    shuffle_seed = derived_seed(cfg.seed, process_index, epoch, _SHUFFLE_STREAM)
-    augment_seed = derived_seed(cfg.seed, process_index, epoch, _AUGMENT_STREAM)
-    repeats = int(cfg.repeated_aug)
-    examples = source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), process_index, process_count)
-    examples = _repeat_each(examples.take(math.ceil(steps * local_batch / repeats)), repeats)
-    examples = examples.take(steps * local_batch).skip(first_step * local_batch)
-    examples = examples.enumerate(start=first_step * local_batch)
-    batches = (
-        examples.map(
-            lambda index, ex: _finalise(preprocess(ex, tf.stack([tf.constant(augment_seed, tf.int64), index]))),
+@dataclasses.dataclass(frozen=True)
+class _TrainPlan:
+    """What stays fixed across the epochs of one process's training iterator."""
+
+    source: object
+    cfg: object
+    preprocess: Callable
+    steps: int
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def epoch_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
+        cfg, batch = self.cfg, self.local_batch
+        shuffle_seed = derived_seed(cfg.seed, self.process_index, epoch, _SHUFFLE_STREAM)
+        augment_seed = tf.constant(derived_seed(cfg.seed, self.process_index, epoch, _AUGMENT_STREAM), tf.int64)
+        repeats = int(cfg.repeated_aug)
+        examples = self.source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), self.process_index, self.process_count)
+        examples = _repeat_each(examples.take(math.ceil(self.steps * batch / repeats)), repeats)
+        examples = examples.take(self.steps * batch).skip(first_step * batch).enumerate(start=first_step * batch)
+        augmented = examples.map(
+            lambda index, ex: _finalise(self.preprocess(ex, tf.stack([augment_seed, index]))),
             num_parallel_calls=_parallel_calls(cfg),
             deterministic=True,
         )
-        .batch(local_batch, drop_remainder=True)
-        .prefetch(_prefetch(cfg))
-    )
-    return batches.as_numpy_iterator()
+        return augmented.batch(batch, drop_remainder=True).prefetch(_prefetch(cfg)).as_numpy_iterator()
+
+
+def _endless(plan: _TrainPlan, epoch: int, first_step: int) -> Iterator[dict]:
+    while True:
+        yield from plan.epoch_batches(epoch, first_step)
+        epoch, first_step = epoch + 1, 0
 
 
 def train_batches(cfg, local_batch: int, process_index: int, process_count: int, start_step: int) -> Iterator[dict]:
+    """Sets everything up now, so that bad input fails here rather than at the first batch."""
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
     steps = steps_per_epoch(source.num_train, local_batch, process_count)
-    epoch, first_step = divmod(start_step, steps)
-
-    def epochs():
-        nonlocal epoch, first_step
-        while True:
-            yield from _train_epoch_batches(source, cfg, preprocess, epoch, first_step, steps, local_batch, process_index, process_count)
-            epoch, first_step = epoch + 1, 0
-
-    return epochs()
+    plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count)
+    return _endless(plan, *divmod(start_step, steps))
 
 
 def _padding(element_spec: dict, count: int):
