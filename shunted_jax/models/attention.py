@@ -24,6 +24,7 @@ Dtype = Any
 
 
 ATTENTION_IMPLS = ("exact", "xla", "cudnn")
+POOL_SCOPE = "adaptive_avg_pool"  # a pooling, not a layer: the MAC counter skips it, as torch's does
 
 
 def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exact"):
@@ -66,7 +67,8 @@ def adaptive_avg_pool(x, size: int):
             w[i, lo:hi] = 1.0 / (hi - lo)
         return jnp.asarray(w, x.dtype)
 
-    return jnp.einsum("ih,bhwc,jw->bijc", weights(x.shape[1]), x, weights(x.shape[2]))
+    with jax.named_scope(POOL_SCOPE):
+        return jnp.einsum("ih,bhwc,jw->bijc", weights(x.shape[1]), x, weights(x.shape[2]))
 
 
 class SpatialReductionAttention(nn.Module):

@@ -1,0 +1,89 @@
+"""Official state dicts -> Flax variables: full key coverage, named errors, the command line."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DATA_DIR
+from test_models import TINY_PVT, fixture_model_and_variables, load_fixture
+
+from shunted_jax import convert, models
+
+VARIANTS = sorted(p.stem for p in (DATA_DIR / "keys").glob("*.txt"))
+
+
+def official_state_dict(name):
+    """A state dict with exactly the released keys and shapes (zero-filled, no memory per entry)."""
+    state = {}
+    for line in (DATA_DIR / "keys" / f"{name}.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+        state[key] = np.broadcast_to(np.zeros((), dtype), dims)
+    return state
+
+
+def test_keys_files_cover_every_released_variant():
+    assert VARIANTS == models.list_models()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_official_key_converts(name):
+    state = official_state_dict(name)
+    variables = convert.torch_to_flax(state, name)
+    expected = jax.eval_shape(lambda: models.create(name).init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3))))
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(dict(expected))
+    for got, want in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(dict(expected))):
+        assert got.shape == want.shape
+    converted = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+    assert converted == sum(v.size for k, v in state.items() if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("name", ["shunted_t", "pvt_v2_b2_li"])
+def test_missing_extra_and_misshaped_keys_are_named(name):
+    state = official_state_dict(name)
+    missing = dict(state)
+    del missing["block2.1.attn.q.weight"]
+    with pytest.raises(convert.CheckpointMismatchError, match=r"1 missing key\(s\):\s+block2\.1\.attn\.q\.weight"):
+        convert.torch_to_flax(missing, name)
+    with pytest.raises(convert.CheckpointMismatchError, match=r"1 unexpected key\(s\):\s+block9\.0\.extra\.weight"):
+        convert.torch_to_flax({**state, "block9.0.extra.weight": np.zeros(3)}, name)
+    key = "block1.0.mlp.fc1.weight"
+    wrong = {**state, key: np.zeros(state[key].shape[::-1], np.float32)}
+    with pytest.raises(convert.CheckpointMismatchError, match=r"mis-shaped.*\n\s+block1\.0\.mlp\.fc1\.weight: checkpoint"):
+        convert.torch_to_flax(wrong, name)
+
+
+def test_checkpoint_of_another_model_is_refused():
+    with pytest.raises(convert.CheckpointMismatchError, match="unexpected"):
+        convert.torch_to_flax(official_state_dict("shunted_s"), "shunted_t")
+
+
+def test_wrapped_and_ddp_prefixed_state_dicts_are_accepted():
+    state = official_state_dict("pvt_v2_b0")
+    wrapped = {"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}
+    assert convert.torch_to_flax(wrapped, "pvt_v2_b0")["params"]["head"]["kernel"].shape == (256, 1000)
+
+
+def test_converted_checkpoint_round_trips_through_disk(tmp_path):
+    arrays, state = load_fixture("tiny_pvt_v2_64x64")
+    checkpoint = tmp_path / "official.npz"
+    np.savez(checkpoint, **state)
+    _, model, _, images = fixture_model_and_variables("tiny_pvt_v2_64x64", jnp.float32)
+    variables = convert.torch_to_flax(convert.read_state_dict(checkpoint), "pvt_v2_b0", **TINY_PVT)
+    convert.save_variables(variables, tmp_path / "out", "pvt_v2_b0")
+    loaded = convert.load_variables(tmp_path / "out", expected_model="pvt_v2_b0")
+    np.testing.assert_allclose(model.apply(loaded, images), arrays["logits"], atol=5e-5)
+    with pytest.raises(convert.CheckpointMismatchError, match="pvt_v2_b0"):
+        convert.load_variables(tmp_path / "out", expected_model="shunted_t")
+
+
+def test_command_line_on_a_released_layout(tmp_path, capsys):
+    checkpoint = tmp_path / "pvt_v2_b0.npz"
+    np.savez(checkpoint, **official_state_dict("pvt_v2_b0"))
+    convert.main(["--model", "pvt_v2_b0", str(checkpoint), str(tmp_path / "out")])
+    assert "3,666,760 parameters" in capsys.readouterr().out
+    loaded = convert.load_variables(tmp_path / "out")
+    assert loaded["params"]["block4"]["attn"]["q"]["kernel"].shape == (2, 256, 256)
+    with pytest.raises(FileNotFoundError, match="shunted_jax.convert"):
+        convert.load_variables(tmp_path)

@@ -1,0 +1,177 @@
+"""The model library against the official PyTorch models (fixtures in tests/data, from ../shared/reference)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DATA_DIR
+
+from shunted_jax import models
+from shunted_jax.convert import torch_to_flax
+from shunted_jax.models.flops import count_macs
+
+TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
+                    depths=(1, 1, 2, 1), num_conv=1)
+TINY_PVT = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1))
+FIXTURES = {
+    "tiny_shunted_64x48": ("shunted_t", TINY_SHUNTED),
+    "tiny_shunted_71x45": ("shunted_t", TINY_SHUNTED),
+    "tiny_pvt_v2_64x64": ("pvt_v2_b0", TINY_PVT),
+    "tiny_pvt_v2_li_40x56": ("pvt_v2_b2_li", TINY_PVT),
+}
+OFFICIAL_PARAMS = {
+    "shunted_t": 11_553_576, "shunted_s": 22_401_256, "shunted_b": 39_614_376,
+    "pvt_v2_b0": 3_666_760, "pvt_v2_b1": 14_009_000, "pvt_v2_b2": 25_362_856, "pvt_v2_b2_li": 22_553_512,
+    "pvt_v2_b3": 45_238_696, "pvt_v2_b4": 62_556_072, "pvt_v2_b5": 81_956_008,
+}
+
+
+def load_fixture(name):
+    with np.load(DATA_DIR / f"{name}.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    reserved = {"input", "logits", "logits_fp64", "meta"}
+    state = {k: v for k, v in arrays.items() if k not in reserved and not k.startswith("act/")}
+    return arrays, state
+
+
+def fixture_model_and_variables(name, dtype):
+    arrays, state = load_fixture(name)
+    variant, overrides = FIXTURES[name]
+    variables = torch_to_flax(state, variant, **overrides)
+    model = models.create(variant, num_classes=10, dtype=dtype, param_dtype=dtype, **overrides)
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
+    images = jnp.asarray(arrays["input"].transpose(0, 2, 3, 1), dtype)
+    return arrays, model, variables, images
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_float64_logits_match_official(name):
+    with jax.enable_x64(True):
+        arrays, model, variables, images = fixture_model_and_variables(name, jnp.float64)
+        logits = model.apply(variables, images)
+        assert logits.dtype == jnp.float64
+        assert np.abs(np.asarray(logits) - arrays["logits_fp64"]).max() <= 1e-9
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_float32_logits_and_features_match_official(name):
+    arrays, model, variables, images = fixture_model_and_variables(name, jnp.float32)
+    assert np.abs(np.asarray(model.apply(variables, images)) - arrays["logits"]).max() <= 5e-5
+    features = model.apply(variables, images, method="features")
+    grids = json.loads(str(arrays["meta"]))["stage_hw"]
+    for i, feature in enumerate(features, start=1):
+        assert feature.shape[1:3] == tuple(grids[f"patch_embed{i}"])
+        tokens = np.asarray(feature).reshape(feature.shape[0], -1, feature.shape[-1])
+        np.testing.assert_allclose(tokens, arrays[f"act/norm{i}"], atol=5e-5)
+
+
+def test_fused_attention_path_matches_exact_path():
+    arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float32)
+    fused = model.clone(attention_impl="xla").apply(variables, images)
+    np.testing.assert_allclose(fused, model.apply(variables, images), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_parameter_count_is_official(name):
+    shapes = jax.eval_shape(lambda: models.create(name).init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3))))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"])) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize("name, gmacs", [("shunted_t", 2.147), ("shunted_s", 4.993), ("shunted_b", 8.150)])
+def test_multiply_adds_match_paper(name, gmacs):
+    assert count_macs(models.create(name))["total"]["all"] / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+def test_multiply_adds_split_like_torch_counter():
+    macs = count_macs(models.create("shunted_s"))["total"]
+    assert macs["conv"] / 1e9 == pytest.approx(1.3523, abs=1e-4)
+    assert macs["linear"] / 1e9 == pytest.approx(3.2941, abs=1e-4)
+    assert macs["attention"] / 1e9 == pytest.approx(0.3467, abs=1e-4)
+
+
+def random_variables(model, images):
+    """Variables of the right shapes drawn with numpy: no init to compile (compiling dominates on CPU)."""
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape) + 1.0 * (len(s.shape) < 2), s.dtype),
+                                  shapes)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_bfloat16_forward_and_backward_are_finite(name):
+    model = models.create(name, num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1)
+    size = model.min_input_size() if model.attention != "linear_sra" else 32
+    images = jax.random.normal(jax.random.key(0), (2, size, size + 3, 3))
+    variables = random_variables(model, images)
+
+    @jax.jit
+    def loss_and_grads(variables):
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                                    rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+            assert logits.dtype == jnp.bfloat16
+            return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[:, 0])
+
+        return jax.value_and_grad(loss)(variables["params"])
+
+    value, grads = loss_and_grads(variables)
+    assert np.isfinite(value)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(bool(jnp.any(g != 0)) for g in leaves)
+
+
+def test_too_small_input_says_the_minimum():
+    model = models.create("shunted_t", num_classes=3)
+    assert model.min_input_size() == 31
+    variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 31, 33, 3)))
+    with pytest.raises(ValueError, match=">= 31"):
+        model.apply(variables, jnp.zeros((1, 30, 64, 3)))
+    assert models.create("pvt_v2_b0").min_input_size() == 29
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="shunted_s") as error:
+        models.create("shunted_xl")
+    assert "pvt_v2_b2_li" in str(error.value)
+    with pytest.raises(ValueError, match="embed_dim"):
+        models.create("shunted_t", embed_dim=64)
+
+
+def test_general_ssa_splits_heads_over_any_number_of_scales():
+    model = models.create("shunted_t", num_classes=4, num_heads=(3, 3, 6, 6), embed_dims=(48, 48, 96, 96),
+                          depths=(1, 1, 1, 1), ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,)))
+    images = jnp.ones((1, 64, 64, 3))
+    variables = model.init({"params": jax.random.key(0)}, images)
+    attn = variables["params"]["block1"]["attn"]
+    assert [attn[f"sr{g}"]["kernel"].shape[1] for g in (1, 2, 3)] == [8, 4, 2]
+    assert attn["kv1"]["kernel"].shape[-1] == 2 * 16  # 1 of 3 heads, head_dim 16, K and V
+    _, state = model.apply(variables, images, mutable=["intermediates"])
+    probs = state["intermediates"]["block1"]["attn"]["attention_probs"]
+    assert [p.shape[-1] for p in probs] == [2 * 2, 4 * 4, 8 * 8]  # keys per group at 16x16 tokens
+    with pytest.raises(ValueError, match="divisible"):
+        models.create("shunted_t", ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,))).init(
+            {"params": jax.random.key(0)}, images)
+
+
+def test_official_initialisation():
+    params = models.create("shunted_t").init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))["params"]
+    depthwise = params["block1"]["mlp"]["dwconv"]["kernel"]  # (depth, 3, 3, 1, 512)
+    assert np.std(depthwise) == pytest.approx(np.sqrt(2 / 9), rel=0.02)
+    assert np.std(params["patch_embed1"]["conv_0"]["kernel"]) == pytest.approx(np.sqrt(2 / (49 * 64)), rel=0.05)
+    assert np.std(params["block3"]["attn"]["q"]["kernel"]) == pytest.approx(0.02, rel=0.02)
+    assert np.std(params["head"]["kernel"]) == pytest.approx(0.02, rel=0.02)
+    assert not np.any(params["block3"]["attn"]["q"]["bias"])
+    assert np.all(params["norm4"]["scale"] == 1)
+
+
+def test_drop_path_only_in_training():
+    model = models.create("pvt_v2_b0", num_classes=3, depths=(1, 1, 1, 1), drop_path_rate=0.0)
+    images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    variables = model.init({"params": jax.random.key(1)}, images)
+    rngs = {"dropout": jax.random.key(2)}
+    eval_logits = model.apply(variables, images)
+    np.testing.assert_allclose(model.apply(variables, images, train=True, rngs=rngs), eval_logits, atol=1e-6)
+    dropped = model.clone(drop_path_rate=0.9).apply(variables, images, train=True, rngs=rngs)
+    assert np.abs(np.asarray(dropped) - np.asarray(eval_logits)).max() > 1e-3
