@@ -1,0 +1,177 @@
+"""Images/s of the full train step and of inference, on synthetic in-memory data.
+
+    python -m shunted_jax.bench --model shunted_s [--batch 128] [--eval-batch 256]
+        [--dtype bfloat16] [--steps 20] [--profile DIR] [--json FILE] [--set FIELD=VALUE ...]
+
+The train step is the one `train.py` runs (mixup, forward, backward, AdamW, on the device mesh);
+inference is the jitted forward in eval mode. Reports compile time, peak device memory and the
+model FLOP utilisation from the project's own MAC count (a backward counted as two forwards).
+The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
+"""
+import argparse
+import importlib.util
+import json
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shunted_jax import models
+from shunted_jax.models.flops import count_macs
+from shunted_jax.tools.summary import parse_overrides
+
+# Dense bf16 tensor-core peak (TFLOP/s) by jax device_kind, for the utilisation figure.
+PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+                    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "TPU v4": 275.0,
+                    "TPU v5 lite": 197.0, "TPU v5p": 459.0}
+_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_training_config(model_name: str):
+    """The model's training config file (configs/NAME.py or configs/pvt_v2.py:variant=bN), unlocked."""
+    family, arg = (model_name, None)
+    if model_name.startswith("pvt_v2_"):
+        family, arg = "pvt_v2", f"variant={model_name[len('pvt_v2_'):]}"
+    spec = importlib.util.spec_from_file_location(f"configs.{family}", _CONFIGS / f"{family}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.unlock()
+    return config
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - start
+
+
+def _peak_memory_gib():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None
+
+
+def bench_train(config, model, batch: int, image_size: int, steps: int, profile_dir=None) -> dict:
+    from shunted_jax.train import sharding, step
+
+    config.global_batch_size = batch
+    mesh = sharding.make_mesh(config.mesh)
+    setup = step.setup_training(model, config, mesh, image_size=image_size, num_classes=model.num_classes,
+                                steps_per_epoch=1000)
+    images = step.synthetic_batch(setup, batch, image_size, model.num_classes)
+    start = time.perf_counter()
+    compiled = setup.train_step.lower(setup.state, images).compile()
+    compile_s = time.perf_counter() - start
+    state = setup.state
+    for _ in range(3):
+        state, metrics = compiled(state, images)
+    jax.block_until_ready(metrics)
+    if profile_dir:
+        with jax.profiler.trace(str(profile_dir)):
+            for _ in range(3):
+                state, metrics = compiled(state, images)
+            jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, images)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "images_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
+            "compile_s": compile_s, "loss": float(metrics["loss"])}
+
+
+def bench_inference(model, batch: int, image_size: int, steps: int) -> dict:
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
+    variables = jax.jit(model.init)({"params": jax.random.key(0)}, images[:1])
+    forward = jax.jit(lambda v, x: model.apply(v, x))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(3):
+        _timed(compiled, variables, images)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = compiled(variables, images)
+    jax.block_until_ready(logits)
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "images_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
+            "compile_s": compile_s}
+
+
+def utilisation(images_per_s: float, macs_per_image: int, passes: int):
+    """Fraction of the device's bf16 peak: 2 FLOPs per MAC, `passes` forwards' worth of work."""
+    peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind)
+    return None if peak is None else images_per_s * macs_per_image * 2 * passes / (peak * 1e12)
+
+
+def run(args) -> dict:
+    overrides = parse_overrides(args.set)
+    config = load_training_config(args.model)
+    config.model.update({"dtype": args.dtype, **overrides})
+    config.checkpoint.asynchronous = False
+    from shunted_jax.train.state import create_model
+
+    model = create_model(config.model, num_classes=1000)
+    macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
+    result = {
+        "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
+        "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+        "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
+    }
+    if args.batch:
+        train = bench_train(config, model, args.batch, args.image_size, args.steps, args.profile)
+        train["peak_memory_gib"] = _peak_memory_gib()
+        train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
+        result["train"] = train
+    if args.eval_batch:
+        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps)
+        inference["peak_memory_gib"] = _peak_memory_gib()
+        inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
+        result["inference"] = inference
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
+             f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image"]
+    for kind in ("train", "inference"):
+        if kind in result:
+            r = result[kind]
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
+            lines.append(f"  {kind:<9} batch {r['batch']:>4}: {r['images_per_s']:>9,.0f} img/s  "
+                         f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=models.list_models())
+    parser.add_argument("--batch", type=int, default=128, help="train-step batch (0 skips training)")
+    parser.add_argument("--eval-batch", type=int, default=256, help="inference batch (0 skips inference)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps")
+    parser.add_argument("--json", metavar="FILE", help="append the result as one JSON line")
+    parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "shunted_jax" / "jax"),
+                        help="persistent compilation cache ('' to disable)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
+    args = parser.parse_args(argv)
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    result = run(args)
+    print(format_result(result), flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
