@@ -65,18 +65,18 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
 def to_demo(config, model_overrides: dict):
     """Fashion-MNIST at 32x32 with a small model: minutes on a laptop CPU, float32, no mixup."""
     config.model.update({"drop_path_rate": 0.0, "dtype": "float32", **model_overrides})
-    config.data.name = data.DEMO_NAME
+    config.data.name = "fashion_mnist_demo"
     config.data.image_size = 32
     config.data.repeated_aug = 1
     config.data.pp_train = DEMO_PP_TRAIN
     config.data.pp_eval = DEMO_PP_EVAL
     config.global_batch_size = 128
     config.eval_batch_size = 1000
-    config.num_epochs = 4.0
-    config.optimizer.base_lr = 1e-3
-    config.optimizer.warmup_epochs = 0.5
+    config.num_epochs = 1.0
+    config.optimizer.base_lr = 4e-3
+    config.optimizer.warmup_epochs = 0.1
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     config.checkpoint.every_steps = 500
     config.log_every_steps = 50
-    config.eval_every_epochs = 2.0
+    config.eval_every_epochs = 1.0
     return config

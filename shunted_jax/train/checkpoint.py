@@ -8,22 +8,22 @@ import orbax.checkpoint as ocp
 
 
 def make_checkpoint_manager(directory, checkpoint_config) -> ocp.CheckpointManager:
-    """Saves every `every_steps` steps (plus forced saves), keeps the last `keep`.
+    """Keeps the last `checkpoint_config.keep` checkpoints; the loop decides when to save.
 
     Orbax writes each checkpoint into a temporary directory and renames it when complete, so an
     interrupted save is never listed or restored.
     """
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=checkpoint_config.every_steps, max_to_keep=checkpoint_config.keep,
+        max_to_keep=checkpoint_config.keep,
         enable_async_checkpointing=checkpoint_config.asynchronous, create=True)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
-def save(manager: ocp.CheckpointManager, state, meta: dict, *, force: bool = False) -> bool:
-    """Starts a (possibly asynchronous) save at the state's step; returns whether one was started."""
+def save(manager: ocp.CheckpointManager, state, meta: dict) -> None:
+    """Starts a (possibly asynchronous) save at the state's step."""
     step = int(jax.device_get(state.step))
-    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=force)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def abstract_like(state, state_sharding):

@@ -93,8 +93,8 @@ def restore_latest(run: Run):
 class PreemptionWatcher(contextlib.AbstractContextManager):
     """Turns SIGTERM into a request to save and stop at the next step boundary.
 
-    With several processes all must stop at the same step, so JAX's preemption sync point (the
-    coordination service sees the signal) decides instead of the local flag.
+    With several processes all must stop at the same step, so JAX's preemption sync point decides
+    instead; its coordination service catches SIGTERM itself, so no Python handler is installed.
     """
 
     def __init__(self):
@@ -102,11 +102,13 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
         self._previous = None
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, *exc_info):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
         return False
 
     def _on_sigterm(self, signum, frame):
@@ -182,7 +184,7 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
             pending.append((step_number, step_metrics))
             preempted = preemption.requested(step_number)
             last = step_number == run.total_steps
-            save_now = preempted or last or run.manager.should_save(step_number)
+            save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
             if save_now or step_number % log_every == 0:
                 means = read_checked(pending)
                 pending = []
@@ -195,7 +197,7 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
                 logging.info(metrics.progress_line(step_number, run.total_steps, run.steps_per_epoch,
                                                    means, images_per_second, seconds_per_step))
             if save_now:
-                checkpoint.save(run.manager, train_state, run.model_meta, force=True)
+                checkpoint.save(run.manager, train_state, run.model_meta)
             if preempted:
                 logging.info("preemption requested: saved step %d and stopping", step_number)
                 return {}

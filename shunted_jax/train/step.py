@@ -85,7 +85,7 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = optax.incremental_update(params, ema_params, 1.0 - config.ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics

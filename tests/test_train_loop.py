@@ -1,0 +1,190 @@
+"""train.py end to end on synthetic data: resume after SIGKILL, SIGTERM, eval mode, two processes, errors."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from configs import shunted_t  # noqa: E402
+from shunted_jax import data  # noqa: E402
+from shunted_jax.train import loop, metrics  # noqa: E402
+
+# The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
+SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
+             "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
+             "--config.global_batch_size=16", "--config.eval_batch_size=16",
+             "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",
+             "--config.model.drop_path_rate=0.1"]
+
+
+def subprocess_env(num_devices: int) -> dict:
+    """Each subprocess sees `num_devices` CPU devices and shares the tests' compilation cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+def train_command(workdir, *flags) -> list:
+    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
+            f"--workdir={workdir}", *SMALL_RUN, *flags]
+
+
+def run_train(workdir, *flags, num_devices=2) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(workdir, *flags), env=subprocess_env(num_devices),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def start_train(workdir, *flags, num_devices=2) -> subprocess.Popen:
+    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> list:
+    """Reads the process's log until a line contains `text`; returns the lines read."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never logged:\n{''.join(lines[-40:])}")
+
+
+def checkpoint_steps(workdir) -> list:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def saved_params(workdir, step: int) -> dict:
+    """The parameters of a finished checkpoint, as numpy, whatever mesh wrote them."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        return jax.tree.map(np.asarray, checkpointer.restore(path, target)["params"])
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 12-step run, checkpointing every 4 steps."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
+    return workdir
+
+
+def test_straight_run_writes_metrics_checkpoints_and_tensorboard(straight_run):
+    records = metrics.read_metrics(straight_run / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 and r["images_per_second"] > 0 for r in train_records)
+    assert evals[-1]["step"] == 12 and evals[-1]["count"] == 40 and 0 <= evals[-1]["top1"] <= evals[-1]["top5"] <= 1
+    assert checkpoint_steps(straight_run) == [4, 8, 12]
+    assert any((straight_run / "tensorboard").iterdir())
+
+
+def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_path):
+    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
+    process = start_train(tmp_path, *flags)
+    wait_for_line(process, "step 9/12")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(checkpoint_steps(tmp_path)) < 12
+    resumed = run_train(tmp_path, *flags)
+    assert "resumed from" in resumed.stderr
+    want, got = saved_params(straight_run, 12), saved_params(tmp_path, 12)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = start_train(tmp_path, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
+    wait_for_line(process, "step 3/100000")
+    process.send_signal(signal.SIGTERM)
+    lines = wait_for_line(process, "preemption requested")
+    assert process.wait(timeout=120) == 0
+    saved_step = int(lines[-1].split("saved step ")[1].split()[0])
+    assert 3 <= saved_step < 100000 and checkpoint_steps(tmp_path) == [saved_step]
+
+
+def test_eval_mode_reproduces_the_final_evaluation(straight_run):
+    evaluated = run_train(straight_run, "--config.num_train_steps=12", "--mode=eval", num_devices=1)
+    evals = [r for r in map(json.loads, (straight_run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert "eval at step 12" in evaluated.stderr
+    assert evals[-1]["top1"] == pytest.approx(evals[-2]["top1"]) and evals[-1]["count"] == 40
+
+
+def test_two_processes_train_and_checkpoint_together(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    processes = [start_train(tmp_path, "--config.num_train_steps=4", "--config.checkpoint.every_steps=2",
+                             f"--config.distributed.coordinator_address=localhost:{port}",
+                             "--config.distributed.num_processes=2", f"--config.distributed.process_id={index}",
+                             num_devices=2)
+                 for index in range(2)]
+    logs = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["count"] for r in records if r["kind"] == "eval"] == [40]
+
+
+def test_misspelled_config_field_fails_before_training(tmp_path):
+    result = subprocess.run(train_command(tmp_path, "--config.optimiser.base_lr=1"), env=subprocess_env(1),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "optimiser" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def small_config():
+    config = shunted_t.get_config("demo")
+    config.unlock()
+    config.data.update({"name": "synthetic", "num_classes": 10, "num_train_examples": 64,
+                        "num_eval_examples": 16})
+    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 6, "log_every_steps": 1})
+    config.checkpoint.every_steps = 2
+    return config
+
+
+def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
+    config = small_config()
+    config.global_batch_size = 12
+    with pytest.raises(ValueError, match="global_batch_size=12 .* 8 devices"):
+        loop.train_and_evaluate(config, tmp_path / "batch")
+    config = small_config()
+    config.model.name = "shunted_xl"
+    with pytest.raises(ValueError, match="Unknown model 'shunted_xl'"):
+        loop.train_and_evaluate(config, tmp_path / "model")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        loop.train_and_evaluate(small_config(), tmp_path / "file" / "workdir")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_iterator = data.train_iterator
+
+    def poisoned(*args, **kwargs):
+        for index, batch in enumerate(real_iterator(*args, **kwargs), start=kwargs["start_step"] + 1):
+            if index == 3:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(data, "train_iterator", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
+        loop.train_and_evaluate(small_config(), tmp_path)
+    assert checkpoint_steps(tmp_path) == [2]

@@ -1,0 +1,207 @@
+"""The jitted train step: mesh independence, gradient accumulation, recipe pieces, checkpoints."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from configs import shunted_t  # noqa: E402
+from shunted_jax import convert, models  # noqa: E402
+from shunted_jax.train import checkpoint, finetune, mixup, optim, sharding, state, step  # noqa: E402
+
+TINY_MODEL = {"embed_dims": (16, 16, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2)}
+IMAGE_SIZE, NUM_CLASSES, BATCH = 32, 10, 16
+
+
+def tiny_config(**model_fields):
+    """The demo config with a tiny float32 model, and mixup, drop path and clipping all on."""
+    config = shunted_t.get_config("demo")
+    config.unlock()
+    config.model.update({**TINY_MODEL, "drop_path_rate": 0.1, **model_fields})
+    config.global_batch_size = BATCH
+    config.mixup.update({"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
+    config.optimizer.update({"warmup_steps": 2, "grad_clip_norm": 1.0})
+    return config
+
+
+def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
+    config.mesh.update({"data": mesh[0], "fsdp": mesh[1]})
+    model = state.create_model(config.model, num_classes)
+    return step.setup_training(model, config, sharding.make_mesh(config.mesh, devices),
+                               image_size=IMAGE_SIZE, num_classes=num_classes, steps_per_epoch=10)
+
+
+def train(setup, num_steps):
+    """Runs `num_steps` steps on one fixed synthetic batch; returns the final state and the losses."""
+    batch = step.synthetic_batch(setup, BATCH, IMAGE_SIZE, NUM_CLASSES)
+    train_state, losses = setup.state, []
+    for _ in range(num_steps):
+        train_state, metrics = setup.train_step(train_state, batch)
+        losses.append(float(metrics["loss"]))
+    return train_state, losses
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Three steps of tiny Shunted-T on a (4, 2) data x FSDP mesh of 8 devices and on 1 device."""
+    results = {}
+    for name, devices, mesh in (("fsdp", jax.devices(), (4, 2)), ("single", jax.devices()[:1], (-1, 1))):
+        setup = build(tiny_config(), devices, mesh)
+        results[name] = (setup, *train(setup, 3))
+    return results
+
+
+def test_fsdp_mesh_and_single_device_give_the_same_losses(runs):
+    _, fsdp_state, fsdp_losses = runs["fsdp"]
+    _, single_state, single_losses = runs["single"]
+    assert any("fsdp" in leaf.sharding.spec for leaf in jax.tree.leaves(fsdp_state.params))
+    assert any("fsdp" in leaf.sharding.spec for leaf in jax.tree.leaves(fsdp_state.opt_state))
+    np.testing.assert_allclose(fsdp_losses, single_losses, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fsdp_state.params["head"]["kernel"]),
+                               np.asarray(single_state.params["head"]["kernel"]), atol=1e-5)
+    assert int(fsdp_state.step) == 3 and fsdp_losses[0] != fsdp_losses[2]
+
+
+def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
+    fsdp_setup, fsdp_state, _ = runs["fsdp"]
+    single_setup = runs["single"][0]
+    meta = {"model": {"name": "shunted_t"}}
+    config = tiny_config().checkpoint
+    manager = checkpoint.make_checkpoint_manager(tmp_path, config)
+    checkpoint.save(manager, fsdp_state, meta)
+    manager.wait_until_finished()
+    # An interrupted save leaves only orbax's temporary directory; it is never listed or restored.
+    (tmp_path / "9.orbax-checkpoint-tmp-123").mkdir()
+    manager.reload()
+    assert manager.latest_step() == 3
+
+    abstract = checkpoint.abstract_like(single_setup.state, single_setup.state_sharding)
+    restored = checkpoint.restore(manager, abstract, meta)
+    assert restored.params["head"]["kernel"].sharding.mesh.devices.size == 1
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(fsdp_state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    with pytest.raises(ValueError, match="another model.*name: 'shunted_t' != 'shunted_s'"):
+        checkpoint.restore(manager, abstract, {"model": {"name": "shunted_s"}})
+    manager.close()
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+    """PVTv2 has no BatchNorm; without drop path the two must agree to float32 rounding."""
+    final = {}
+    for micro_batches in (1, 4):
+        config = tiny_config(name="pvt_v2_b0", drop_path_rate=0.0)
+        config.accumulation_steps = micro_batches
+        final[micro_batches] = train(build(config, jax.devices()[:2]), 2)
+    (state_1, losses_1), (state_4, losses_4) = final[1], final[4]
+    np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(state_4.params), jax.tree.leaves(state_1.params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+def test_ema_tracks_the_weights_and_is_what_eval_uses():
+    config = tiny_config(name="pvt_v2_b0")
+    config.ema_decay = 0.5
+    setup = build(config, jax.devices()[:1])
+    initial = np.asarray(setup.state.params["head"]["kernel"])
+    train_state, _ = train(setup, 1)
+    trained = np.asarray(train_state.params["head"]["kernel"])
+    assert not np.allclose(trained, initial)
+    np.testing.assert_allclose(np.asarray(train_state.ema_params["head"]["kernel"]),
+                               0.5 * trained + 0.5 * initial, atol=1e-6)
+    assert train_state.variables(use_ema=True)["params"] is train_state.ema_params
+
+
+def test_schedule_follows_the_recipe():
+    assert optim.peak_learning_rate(5e-4, 1024) == pytest.approx(1e-3)
+    schedule = optim.warmup_cosine_schedule(peak_lr=1e-3, total_steps=300, warmup_steps=5,
+                                            warmup_init_lr=1e-6, min_lr=1e-5)
+    assert float(schedule(0)) == pytest.approx(1e-6)
+    assert float(schedule(4)) == pytest.approx(1e-6 + 4 / 5 * (1e-3 - 1e-6), rel=1e-5)
+    # timm (warmup_prefix=False): the cosine is measured from step 0, not from the warm-up's end.
+    assert float(schedule(5)) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * 5 / 300)),
+                                               rel=1e-5)
+    assert float(schedule(150)) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-5)
+    assert float(schedule(300)) == pytest.approx(1e-5, rel=1e-5)
+
+
+def test_weight_decay_goes_to_kernels_only_even_in_stacked_blocks():
+    model = models.create("shunted_t", num_classes=NUM_CLASSES, **TINY_MODEL)
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                                  jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))
+    mask = optim.weight_decay_mask(variables["params"])
+    flat = {jax.tree_util.keystr(path): decay
+            for path, decay in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat["['head']['kernel']"] and not flat["['head']['bias']"]
+    stacked_bias = "['block1']['mlp']['fc1']['bias']"
+    assert variables["params"]["block1"]["mlp"]["fc1"]["bias"].ndim == 2 and not flat[stacked_bias]
+    assert all(decay == key.endswith("['kernel']") for key, decay in flat.items())
+
+
+def test_fsdp_shards_the_largest_divisible_dim_but_not_the_depth_axis():
+    block = (jax.tree_util.DictKey("block3"), jax.tree_util.DictKey("fc1"), jax.tree_util.DictKey("kernel"))
+    plain = (jax.tree_util.DictKey("head"), jax.tree_util.DictKey("kernel"))
+    assert sharding.fsdp_spec(plain, (512, 1000), 4, 1) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharding.fsdp_spec(block, (8, 64, 256), 4, 1) == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert sharding.fsdp_spec(block, (8, 3, 5), 4, 1) == jax.sharding.PartitionSpec("fsdp")
+    assert sharding.fsdp_spec(block, (3, 3, 5), 4, 1) == jax.sharding.PartitionSpec()
+    assert sharding.fsdp_spec(plain, (512, 1000), 4, 10 ** 6) == jax.sharding.PartitionSpec()
+    assert sharding.fsdp_spec(plain, (512, 1000), 1, 1) == jax.sharding.PartitionSpec()
+
+
+def test_cutmix_lambda_is_the_area_really_kept():
+    images = jnp.stack([jnp.zeros((16, 16, 3)), jnp.ones((16, 16, 3))])
+    labels = jnp.array([0, 1])
+    for seed in range(5):
+        mixed, targets = mixup.mix_batch(jax.random.key(seed), images, labels, num_classes=2,
+                                         mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+                                         label_smoothing=0.0)
+        pasted = float(mixed[0].mean())  # image 0 is zeros: the mean is the pasted fraction
+        np.testing.assert_allclose(targets[0], [1 - pasted, pasted], atol=1e-6)
+        np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)
+
+
+def test_mixup_blends_images_and_smoothed_targets_alike():
+    images = jnp.stack([jnp.zeros((4, 4, 3)), jnp.ones((4, 4, 3))])
+    mixed, targets = mixup.mix_batch(jax.random.key(0), images, jnp.array([0, 1]), num_classes=4,
+                                     mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5,
+                                     label_smoothing=0.1)
+    lam = 1.0 - float(mixed[0, 0, 0, 0])
+    np.testing.assert_allclose(mixed[0], 1.0 - lam, atol=1e-6)
+    on, off = 0.9 + 0.025, 0.025
+    np.testing.assert_allclose(targets[0], [lam * on + (1 - lam) * off, lam * off + (1 - lam) * on, off, off],
+                               atol=1e-6)
+    unmixed, plain = mixup.mix_batch(jax.random.key(0), images, jnp.array([0, 1]), num_classes=4,
+                                     mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, switch_prob=0.5,
+                                     label_smoothing=0.1)
+    np.testing.assert_array_equal(unmixed, images)
+    np.testing.assert_allclose(plain[1], [off, on, off, off], atol=1e-6)
+
+
+def test_fine_tuning_keeps_the_weights_and_renews_a_head_of_another_size(runs, tmp_path):
+    source_setup, source_state, _ = runs["single"]
+    convert.save_variables(jax.device_get(source_state.variables()), tmp_path / "converted", "shunted_t")
+    target = build(tiny_config(), jax.devices()[:1], num_classes=5)
+    loaded = finetune.load_pretrained(target.state, target.state_sharding, str(tmp_path / "converted"))
+    np.testing.assert_array_equal(np.asarray(loaded.params["block1"]["mlp"]["fc1"]["kernel"]),
+                                  np.asarray(source_state.params["block1"]["mlp"]["fc1"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(loaded.batch_stats["patch_embed1"]["bn_0"]["mean"]),
+                                  np.asarray(source_state.batch_stats["patch_embed1"]["bn_0"]["mean"]))
+    np.testing.assert_array_equal(np.asarray(loaded.params["head"]["kernel"]),
+                                  np.asarray(target.state.params["head"]["kernel"]))
+    assert loaded.params["head"]["kernel"].shape[-1] == 5
+
+
+def test_fine_tuning_from_another_model_names_the_mismatching_keys():
+    def shapes(name):
+        model = models.create(name, num_classes=NUM_CLASSES, **TINY_MODEL)
+        return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                                 jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False))
+    pretrained = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes("pvt_v2_b0"))
+    with pytest.raises(ValueError, match="pvt.ckpt does not match.*missing keys: .*batch_stats/patch_embed1"):
+        finetune.merge_pretrained(shapes("shunted_t"), pretrained, "pvt.ckpt")
