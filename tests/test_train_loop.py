@@ -35,20 +35,27 @@ def subprocess_env(num_devices: int) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
-def train_command(workdir, *flags) -> list:
-    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
+# Runs train.py with TensorFlow made unimportable: synthetic-data training must not need it.
+WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
+                      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def train_command(workdir, *flags, without_tensorflow=False) -> list:
+    python = [sys.executable, "-c", WITHOUT_TENSORFLOW] if without_tensorflow else [sys.executable]
+    return [*python, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
             f"--workdir={workdir}", *SMALL_RUN, *flags]
 
 
-def run_train(workdir, *flags, num_devices=2) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(workdir, *flags), env=subprocess_env(num_devices),
-                            capture_output=True, text=True, timeout=300)
+def run_train(workdir, *flags, num_devices=2, without_tensorflow=False) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(workdir, *flags, without_tensorflow=without_tensorflow),
+                            env=subprocess_env(num_devices), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def start_train(workdir, *flags, num_devices=2) -> subprocess.Popen:
-    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices),
+    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices), cwd=REPO,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -78,9 +85,10 @@ def saved_params(workdir, step: int) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """An uninterrupted 12-step run, checkpointing every 4 steps."""
+    """An uninterrupted 12-step run, checkpointing every 4 steps, without TensorFlow."""
     workdir = tmp_path_factory.mktemp("straight")
-    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
+    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4",
+              without_tensorflow=True)
     return workdir
 
 
@@ -146,7 +154,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
 
 def test_misspelled_config_field_fails_before_training(tmp_path):
     result = subprocess.run(train_command(tmp_path, "--config.optimiser.base_lr=1"), env=subprocess_env(1),
-                            capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "optimiser" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
