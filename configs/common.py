@@ -73,7 +73,7 @@ def to_demo(config, model_overrides: dict):
     config.global_batch_size = 128
     config.eval_batch_size = 1000
     config.num_epochs = 1.0
-    config.optimizer.base_lr = 4e-3
+    config.optimizer.base_lr = 8e-3
     config.optimizer.warmup_epochs = 0.1
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     config.checkpoint.every_steps = 500

@@ -3,12 +3,19 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from shunted_jax import convert
+
 HEAD_PREFIX = ("params", "head")
 
 
+def _joined(keys) -> str:
+    return ", ".join("/".join(key) for key in keys) or "none"
+
+
 def merge_pretrained(initial: dict, pretrained: dict, source: str) -> dict:
-    """The `initial` variables (arrays, possibly sharded over hosts) with every leaf taken from `pretrained`, except a head whose shape
-    differs (a different class count), which keeps its fresh initialisation.
+    """The `initial` variables (arrays, possibly sharded over hosts) with every leaf taken from
+    `pretrained`, except a head whose shape differs (another class count): it keeps its fresh
+    initialisation.
 
     Raises ValueError naming missing, unexpected and mis-shaped keys when the checkpoint belongs to
     another model.
@@ -29,17 +36,14 @@ def merge_pretrained(initial: dict, pretrained: dict, source: str) -> dict:
         else:
             misshaped.append(f"{'/'.join(key)} {value.shape} != {leaf.shape}")
     if missing or unexpected or misshaped:
-        def names(keys):
-            return ", ".join("/".join(key) for key in keys) or "none"
-        raise ValueError(f"{source} does not match the model: missing keys: {names(missing)}; "
-                         f"unexpected keys: {names(unexpected)}; shape mismatches: "
+        raise ValueError(f"{source} does not match the model: missing keys: {_joined(missing)}; "
+                         f"unexpected keys: {_joined(unexpected)}; shape mismatches: "
                          f"{', '.join(misshaped) or 'none'}")
     return traverse_util.unflatten_dict(merged)
 
 
 def load_pretrained(state, state_sharding, path: str):
     """The state with params (and BatchNorm statistics) from a converted official checkpoint."""
-    from shunted_jax import convert  # only fine-tuning needs the converter
     merged = merge_pretrained(state.variables(), convert.load_variables(path), path)
     params = jax.device_put(merged["params"], state_sharding.params)
     batch_stats = state.batch_stats

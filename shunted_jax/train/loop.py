@@ -57,7 +57,7 @@ class Run:
     """Everything built from a config before the first step."""
     config: object
     workdir: pathlib.Path
-    info: "data.DatasetInfo"
+    info: data.DatasetInfo
     setup: step.TrainSetup
     manager: object
     model_meta: dict
