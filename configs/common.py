@@ -4,7 +4,7 @@ Config files call `imagenet_config(...)` and, for the ":demo" argument, `to_demo
 """
 import ml_collections
 
-from shunted_jax import data
+from shunted_jax import data, models
 
 DEMO_PP_TRAIN = "decode|resize(32)|flip_lr|value_range(0,1)|normalize"
 DEMO_PP_EVAL = "decode|resize(32)|value_range(0,1)|normalize"
@@ -22,8 +22,10 @@ def parse_arg(arg: str | None) -> dict:
 def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: float = 0.0):
     """The official ImageNet-1k recipe (Shunted / PVTv2 papers, DeiT-style training) at 224 pixels."""
     config = ml_collections.ConfigDict()
+    # Every field of the variant is listed, so any of them can be overridden from the command line.
     config.model = ml_collections.ConfigDict(
-        {"name": model_name, "drop_path_rate": drop_path_rate, "dtype": "bfloat16"})
+        {"name": model_name, **models.variant_fields(model_name), "drop_path_rate": drop_path_rate,
+         "dtype": "bfloat16", "attention_impl": "exact"})
 
     config.data = data.default_config()
     config.data.name = "imagenet2012"

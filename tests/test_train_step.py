@@ -10,19 +10,21 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from configs import shunted_t  # noqa: E402
+from configs import common, pvt_v2, shunted_t  # noqa: E402
 from shunted_jax import convert, models  # noqa: E402
 from shunted_jax.train import checkpoint, finetune, mixup, optim, sharding, state, step  # noqa: E402
 
-TINY_MODEL = {"embed_dims": (16, 16, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2)}
+TINY_MODEL = {"embed_dims": (16, 16, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2),
+              "mlp_ratios": (2, 2, 2, 2)}
 IMAGE_SIZE, NUM_CLASSES, BATCH = 32, 10, 16
 
 
-def tiny_config(**model_fields):
-    """The demo config with a tiny float32 model, and mixup, drop path and clipping all on."""
-    config = shunted_t.get_config("demo")
+def tiny_config(pvt=False, **model_fields):
+    """A tiny float32 Shunted-T (or PVTv2-B0) on the demo settings, with mixup, drop path and
+    clipping all on."""
+    config = pvt_v2.get_config("variant=b0") if pvt else shunted_t.get_config()
+    common.to_demo(config, {**TINY_MODEL, "drop_path_rate": 0.1, **model_fields})
     config.unlock()
-    config.model.update({**TINY_MODEL, "drop_path_rate": 0.1, **model_fields})
     config.global_batch_size = BATCH
     config.mixup.update({"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
     config.optimizer.update({"warmup_steps": 2, "grad_clip_norm": 1.0})
@@ -95,17 +97,18 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     """PVTv2 has no BatchNorm; without drop path the two must agree to float32 rounding."""
     final = {}
     for micro_batches in (1, 4):
-        config = tiny_config(name="pvt_v2_b0", drop_path_rate=0.0)
+        config = tiny_config(pvt=True, drop_path_rate=0.0)
         config.accumulation_steps = micro_batches
         final[micro_batches] = train(build(config, jax.devices()[:2]), 2)
     (state_1, losses_1), (state_4, losses_4) = final[1], final[4]
+    assert not state_1.batch_stats
     np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(state_4.params), jax.tree.leaves(state_1.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
 def test_ema_tracks_the_weights_and_is_what_eval_uses():
-    config = tiny_config(name="pvt_v2_b0")
+    config = tiny_config(pvt=True)
     config.ema_decay = 0.5
     setup = build(config, jax.devices()[:1])
     initial = np.asarray(setup.state.params["head"]["kernel"])

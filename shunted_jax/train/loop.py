@@ -173,7 +173,7 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
     batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   start_step=start)
-    log_every = interval(config.log_every_steps, 0, run.steps_per_epoch)
+    log_every = max(1, config.log_every_steps)
     eval_every = interval(config.eval_every_steps, config.eval_every_epochs, run.steps_per_epoch)
     pending, results = [], {}
     last_time, last_step = time.perf_counter(), start
