@@ -130,6 +130,7 @@ class PyramidVisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "exact"
+    scan_unroll: int = 1  # blocks per loop iteration: more compiles slower, may run faster
 
     def stage_rates(self) -> Tuple[Tuple[int, ...], ...]:
         """Per stage: the SSA group rates, or the single SRA reduction ratio."""
@@ -204,6 +205,7 @@ class PyramidVisionTransformer(nn.Module):
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=self.depths[i],
+                unroll=max(1, min(self.scan_unroll, self.depths[i])),
             )(
                 num_heads=self.num_heads[i],
                 mlp_ratio=self.mlp_ratios[i],
