@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA_DIR
-from test_models import TINY_PVT, fixture_model_and_variables, load_fixture
+from test_models import TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture
 
 from shunted_jax import convert, models
 
@@ -87,3 +87,13 @@ def test_command_line_on_a_released_layout(tmp_path, capsys):
     assert loaded["params"]["block4"]["attn"]["q"]["kernel"].shape == (2, 256, 256)
     with pytest.raises(FileNotFoundError, match="shunted_jax.convert"):
         convert.load_variables(tmp_path)
+
+
+def test_released_pth_file_converts_to_the_official_logits(tmp_path):
+    torch = pytest.importorskip("torch", reason="reading .pth files needs the optional PyTorch extra")
+    arrays, state = load_fixture("tiny_shunted_71x45")
+    checkpoint = tmp_path / "released.pth"
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "epoch": 299}, checkpoint)
+    variables = convert.torch_to_flax(convert.read_state_dict(checkpoint), "shunted_t", **TINY_SHUNTED)
+    _, model, _, images = fixture_model_and_variables("tiny_shunted_71x45", jnp.float32)
+    np.testing.assert_allclose(model.apply(variables, images), arrays["logits"], atol=5e-5)
