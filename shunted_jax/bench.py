@@ -13,6 +13,7 @@ import importlib.util
 import json
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -35,6 +36,8 @@ def load_training_config(model_name: str):
     family, arg = (model_name, None)
     if model_name.startswith("pvt_v2_"):
         family, arg = "pvt_v2", f"variant={model_name[len('pvt_v2_'):]}"
+    if str(_CONFIGS.parent) not in sys.path:  # config files import their siblings as `configs.*`
+        sys.path.insert(0, str(_CONFIGS.parent))
     spec = importlib.util.spec_from_file_location(f"configs.{family}", _CONFIGS / f"{family}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -51,6 +54,7 @@ def _timed(fn, *args):
 
 
 def _peak_memory_gib():
+    """Peak bytes of the process so far: inference is measured first so that its figure is its own."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2 ** 30 or None
 
@@ -122,16 +126,16 @@ def run(args) -> dict:
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
     }
-    if args.batch:
-        train = bench_train(config, model, args.batch, args.image_size, args.steps, args.profile)
-        train["peak_memory_gib"] = _peak_memory_gib()
-        train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
-        result["train"] = train
     if args.eval_batch:
         inference = bench_inference(model, args.eval_batch, args.image_size, args.steps)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference
+    if args.batch:
+        train = bench_train(config, model, args.batch, args.image_size, args.steps, args.profile)
+        train["peak_memory_gib"] = _peak_memory_gib()
+        train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
+        result["train"] = train
     return result
 
 

@@ -150,7 +150,7 @@ def _raise_on_mismatch(name, missing, unexpected, misshaped):
 
 
 def read_state_dict(path) -> Dict[str, np.ndarray]:
-    """Read a released checkpoint: .pth/.pt (needs PyTorch), .npz or .safetensors (no PyTorch)."""
+    """Read a released checkpoint: .pth/.pt/.bin (needs PyTorch), .npz or .safetensors (no PyTorch)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
@@ -169,9 +169,12 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
                 "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
                 "(or convert it to .safetensors/.npz elsewhere)."
             ) from e
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in _unwrap_torch(raw).items()}
-    raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth, .npz or .safetensors.")
+        # The official main.py also stores its argparse.Namespace: allow exactly that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in _unwrap_torch(raw).items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth/.pt/.bin, .npz or .safetensors.")
 
 
 def save_variables(variables: dict, out_dir, model_name: str) -> pathlib.Path:

@@ -1,4 +1,6 @@
 """Official state dicts -> Flax variables: full key coverage, named errors, the command line."""
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,39 @@ def test_released_pth_file_converts_to_the_official_logits(tmp_path):
     torch = pytest.importorskip("torch", reason="reading .pth files needs the optional PyTorch extra")
     arrays, state = load_fixture("tiny_shunted_71x45")
     checkpoint = tmp_path / "released.pth"
-    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "epoch": 299}, checkpoint)
+    official_layout = {"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "epoch": 299,
+                       "args": argparse.Namespace(model="shunted_t", lr=5e-4)}  # as the official main.py saves
+    torch.save(official_layout, checkpoint)
     variables = convert.torch_to_flax(convert.read_state_dict(checkpoint), "shunted_t", **TINY_SHUNTED)
     _, model, _, images = fixture_model_and_variables("tiny_shunted_71x45", jnp.float32)
     np.testing.assert_allclose(model.apply(variables, images), arrays["logits"], atol=5e-5)
+
+
+def test_same_shaped_keys_land_at_their_own_flax_leaves():
+    """Every key gets its own constant value, so swapped same-shaped keys (stem units, the two
+    SSA branches) would show up as wrong values, not just wrong shapes."""
+    state = official_state_dict("shunted_b")
+    marks = {key: float(i) for i, key in enumerate(state)}
+    variables = convert.torch_to_flax({k: np.full(v.shape, marks[k], np.float32) for k, v in state.items()}, "shunted_b")
+    params, stats = variables["params"], variables["batch_stats"]
+    stem = params["patch_embed1"]
+    expected = [
+        (stem["conv_0"]["kernel"], "patch_embed1.conv.0.weight"),
+        (stem["bn_0"]["scale"], "patch_embed1.conv.1.weight"),
+        (stem["conv_1"]["kernel"], "patch_embed1.conv.3.weight"),
+        (stem["bn_1"]["bias"], "patch_embed1.conv.4.bias"),
+        (stats["patch_embed1"]["bn_1"]["mean"], "patch_embed1.conv.4.running_mean"),
+        (stem["conv_2"]["kernel"], "patch_embed1.conv.6.weight"),
+        (stats["patch_embed1"]["bn_2"]["var"], "patch_embed1.conv.7.running_var"),
+        (stem["proj"]["kernel"], "patch_embed1.conv.9.weight"),
+        (params["block3"]["attn"]["kv1"]["kernel"][5], "block3.5.attn.kv1.weight"),
+        (params["block3"]["attn"]["kv2"]["kernel"][5], "block3.5.attn.kv2.weight"),
+        (params["block3"]["attn"]["local_conv1"]["bias"][23], "block3.23.attn.local_conv1.bias"),
+        (params["block3"]["attn"]["local_conv2"]["bias"][23], "block3.23.attn.local_conv2.bias"),
+        (params["block1"]["attn"]["norm1"]["scale"][2], "block1.2.attn.norm1.weight"),
+        (params["block1"]["attn"]["norm2"]["scale"][2], "block1.2.attn.norm2.weight"),
+        (params["block1"]["norm2"]["scale"][2], "block1.2.norm2.weight"),
+        (params["block4"]["attn"]["local_conv"]["kernel"][1], "block4.1.attn.local_conv.weight"),
+    ]
+    for leaf, key in expected:
+        assert np.all(leaf == marks[key]), key

@@ -173,5 +173,7 @@ def test_drop_path_only_in_training():
     rngs = {"dropout": jax.random.key(2)}
     eval_logits = model.apply(variables, images)
     np.testing.assert_allclose(model.apply(variables, images, train=True, rngs=rngs), eval_logits, atol=1e-6)
-    dropped = model.clone(drop_path_rate=0.9).apply(variables, images, train=True, rngs=rngs)
+    droppy = model.clone(drop_path_rate=0.9)
+    np.testing.assert_allclose(droppy.apply(variables, images), eval_logits, atol=1e-6)
+    dropped = droppy.apply(variables, images, train=True, rngs=rngs)
     assert np.abs(np.asarray(dropped) - np.asarray(eval_logits)).max() > 1e-3

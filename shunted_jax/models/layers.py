@@ -77,7 +77,8 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.D
 
 
 def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses float32 digits.
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def drop_path(x, rate, deterministic: bool, rng_module: nn.Module):

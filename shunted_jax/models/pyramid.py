@@ -155,17 +155,18 @@ class PyramidVisionTransformer(nn.Module):
     def min_input_size(self) -> int:
         """The smallest height (or width) whose every stage grid fits its reduction convs."""
         for size in range(1, 4097):
-            if self._fits(size, size):
+            if self._misfit(size, size) is None:
                 return size
         raise ValueError("No input size up to 4096 fits this configuration.")
 
-    def _fits(self, height: int, width: int) -> bool:
+    def _misfit(self, height: int, width: int):
+        """(stage, grid, rate) of the first stage whose grid is smaller than a reduction conv, or None."""
         if self.attention == "linear_sra":
-            return True
-        for (h, w), rates in zip(self.stage_grids(height, width), self.stage_rates()):
-            if min(h, w) < max(rates):
-                return False
-        return True
+            return None
+        for stage, (grid, rates) in enumerate(zip(self.stage_grids(height, width), self.stage_rates()), start=1):
+            if min(grid) < max(rates):
+                return stage, grid, max(rates)
+        return None
 
     def _validate(self, images):
         if self.attention not in ATTENTION_KINDS:
@@ -178,11 +179,13 @@ class PyramidVisionTransformer(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Expected NHWC images with 3 channels, got shape {images.shape}.")
         height, width = images.shape[1:3]
-        if not self._fits(height, width):
+        misfit = self._misfit(height, width)
+        if misfit is not None:
+            stage, grid, rate = misfit
             raise ValueError(
                 f"Input {height}x{width} is too small: this model needs height and width >= "
-                f"{self.min_input_size()} (stage-1 grid {self.stage_grids(height, width)[0]} is smaller "
-                "than its largest reduction conv)."
+                f"{self.min_input_size()} (the stage-{stage} grid {grid[0]}x{grid[1]} is smaller than its "
+                f"{rate}x{rate} reduction conv)."
             )
 
     @nn.compact
@@ -227,4 +230,5 @@ class PyramidVisionTransformer(nn.Module):
         return head(pooled)
 
     def features(self, images, train: bool = False):
+        """The four stage outputs. Initialise through the default method: `features` creates no head."""
         return self(images, train=train, return_features=True)
