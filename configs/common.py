@@ -27,7 +27,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
         {"name": model_name, **models.variant_fields(model_name), "drop_path_rate": drop_path_rate,
          "dtype": "bfloat16", "attention_impl": "exact",
          # Blocks per scan iteration; 64 unrolls every stage: ~1.7x faster steps on an H100,
-         # several times longer compiles (BENCHMARKS.md).
+         # compiles of several minutes on a fresh machine (BENCHMARKS.md).
          "scan_unroll": 1})
 
     config.data = data.default_config()
