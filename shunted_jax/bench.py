@@ -32,10 +32,12 @@ _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_training_config(model_name: str):
-    """The model's training config file (configs/NAME.py or configs/pvt_v2.py:variant=bN), unlocked."""
+    """The model's training config file (configs/NAME.py, or configs/FAMILY.py:variant=V for
+    pvt_v2_V and vit_V), unlocked."""
     family, arg = (model_name, None)
-    if model_name.startswith("pvt_v2_"):
-        family, arg = "pvt_v2", f"variant={model_name[len('pvt_v2_'):]}"
+    for prefix in ("pvt_v2", "vit"):
+        if model_name.startswith(prefix + "_"):
+            family, arg = prefix, f"variant={model_name[len(prefix) + 1:]}"
     if str(_CONFIGS.parent) not in sys.path:  # config files import their siblings as `configs.*`
         sys.path.insert(0, str(_CONFIGS.parent))
     spec = importlib.util.spec_from_file_location(f"configs.{family}", _CONFIGS / f"{family}.py")

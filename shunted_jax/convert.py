@@ -208,7 +208,7 @@ def load_variables(path, expected_model: str = None) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=models.list_models())
+    parser.add_argument("--model", required=True, choices=models.list_models(official_only=True))
     parser.add_argument("checkpoint", help="official .pth, .npz or .safetensors file")
     parser.add_argument("out", help="directory to write the converted checkpoint to")
     args = parser.parse_args(argv)

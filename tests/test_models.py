@@ -9,6 +9,7 @@ from conftest import DATA_DIR
 
 from shunted_jax import models
 from shunted_jax.convert import torch_to_flax
+from shunted_jax.models.attention import MultiScaleTokenAggregator
 from shunted_jax.models.flops import count_macs
 
 TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
@@ -177,3 +178,54 @@ def test_drop_path_only_in_training():
     np.testing.assert_allclose(droppy.apply(variables, images), eval_logits, atol=1e-6)
     dropped = droppy.apply(variables, images, train=True, rngs=rngs)
     assert np.abs(np.asarray(dropped) - np.asarray(eval_logits)).max() > 1e-3
+
+
+def test_token_aggregator_is_the_sum_of_its_branches_through_one_projection():
+    """Aggregator(rates=(4, 2)) == branch 1 and branch 2 each alone, with the projection split by rows."""
+    fields = dict(num_classes=4, embed_dims=(32, 32, 32, 32), num_heads=(2, 2, 2, 2), depths=(1, 1, 1, 1),
+                  attention="aggregator")
+    both = models.create("shunted_t", ssa_rates=((4, 2), (2, 1), (2, 1), (1,)), **fields)
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = random_variables(both, images)
+    attn = variables["params"]["block1"]["attn"]
+    assert attn["proj"]["kernel"].shape == (1, 64, 32)  # (depth, 2 branches x C, C)
+    assert attn["kv2"]["kernel"].shape == (1, 32, 64)  # every branch has all heads: K and V of width C
+
+    def one_branch(g, bias):
+        params = {"q": attn["q"], "proj": {"kernel": attn["proj"]["kernel"][:, (g - 1) * 32 : g * 32],
+                                           "bias": attn["proj"]["bias"] * bias}}
+        params.update({f"{layer}1": attn[f"{layer}{g}"] for layer in ("sr", "norm", "kv", "local_conv")})
+        return params
+
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 32))
+    unbatched = lambda p: jax.tree_util.tree_map(lambda a: a[0], p)
+    full = MultiScaleTokenAggregator(2, (4, 2)).apply({"params": unbatched(attn)}, x)
+    parts = [MultiScaleTokenAggregator(2, (rate,)).apply({"params": unbatched(one_branch(g, g == 1))}, x)
+             for g, rate in ((1, 4), (2, 2))]
+    np.testing.assert_allclose(full, parts[0] + parts[1], atol=1e-5)
+    assert np.abs(np.asarray(parts[1])).max() > 1e-3  # the second branch contributes
+
+
+def test_single_branch_aggregator_is_single_group_ssa():
+    fields = dict(num_classes=4, embed_dims=(32, 32, 32, 32), num_heads=(2, 2, 2, 2), depths=(1, 1, 1, 1),
+                  ssa_rates=((4,), (2,), (2,), (1,)))
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    ssa = models.create("shunted_t", **{**fields, "ssa_rates": ((4,), (2,), (2,), (2,))})
+    variables = random_variables(ssa, images)
+    aggregator = ssa.clone(attention="aggregator")
+    np.testing.assert_allclose(aggregator.apply(variables, images), ssa.apply(variables, images), atol=1e-5)
+
+
+def test_vit_baseline_has_deit_tiny_shape_and_refuses_other_grids():
+    model = models.create("vit_ti16")
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
+    # DeiT-Ti's 5,717,416 parameters less its class token and the class token's position (2 x 192).
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"])) == 5_717_416 - 2 * 192
+    assert count_macs(model)["total"]["all"] / 1e9 == pytest.approx(1.25, abs=0.01)  # DeiT-Ti: 1.3 GFLOPs
+    small = models.create("vit_ti16", num_classes=3, embed_dim=32, depth=2, num_heads=2, patch_size=8)
+    variables = small.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+    assert variables["params"]["block1"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
+    _, state = small.apply(variables, jnp.ones((1, 32, 32, 3)), mutable=["intermediates"])
+    assert state["intermediates"]["block1"]["attn"]["attention_probs"][0].shape == (2, 1, 2, 16, 16)
+    with pytest.raises(ValueError, match="4x4 patch grid"):
+        small.apply(variables, jnp.zeros((1, 48, 48, 3)))

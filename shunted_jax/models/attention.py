@@ -145,17 +145,54 @@ class ShuntedSelfAttention(nn.Module):
         return out.reshape(x.shape) + depthwise_conv3x3(dim, name="local_conv", **kw)(v)
 
     def _grouped_attention(self, x, q, kw):
-        dim = x.shape[-1]
         heads = self.num_heads // len(self.rates)
-        width = dim // len(self.rates)
+        width = x.shape[-1] // len(self.rates)
         outputs = []
         for g, rate in enumerate(self.rates, start=1):
-            t = conv(dim, rate, stride=rate, name=f"sr{g}", **kw)(x)
-            t = gelu(layer_norm(TORCH_NORM_EPS, name=f"norm{g}", **kw)(t))
-            kv = dense(2 * width, name=f"kv{g}", **kw)(t)
-            k, v = kv[..., :width], kv[..., width:]
-            v = v + depthwise_conv3x3(width, name=f"local_conv{g}", **kw)(v)
+            k, v = aggregated_keys_values(x, rate, width, g, kw)
             q_group = q[:, :, (g - 1) * heads : g * heads]
             outputs.append(multi_head_attention(self, q_group, split_heads(k, heads), split_heads(v, heads),
                                                 self.implementation))
         return jnp.concatenate(outputs, axis=2).reshape(x.shape)
+
+
+def aggregated_keys_values(x, rate: int, width: int, group: int, kw):
+    """One SSA scale: kernel = stride = `rate` conv, LayerNorm, GELU, a K/V projection to `width`
+    channels each, and V's local enhancement (a depthwise 3x3 conv). Returns NHWC (k, v).
+
+    Called inside a compact `__call__`; its layers are named sr{g}, norm{g}, kv{g}, local_conv{g}.
+    """
+    t = conv(x.shape[-1], rate, stride=rate, name=f"sr{group}", **kw)(x)
+    t = gelu(layer_norm(TORCH_NORM_EPS, name=f"norm{group}", **kw)(t))
+    kv = dense(2 * width, name=f"kv{group}", **kw)(t)
+    k, v = kv[..., :width], kv[..., width:]
+    return k, v + depthwise_conv3x3(width, name=f"local_conv{group}", **kw)(v)
+
+
+class MultiScaleTokenAggregator(nn.Module):
+    """An ablation of SSA: every scale gets all the heads instead of a share of them.
+
+    Branch g aggregates keys/values at `rates[g]` exactly as an SSA group does, and all
+    `num_heads` heads of the shared query attend to them; the branch outputs are concatenated
+    (len(rates) x C channels) and projected back to C by one linear layer. It costs about
+    len(rates) times SSA's attention, which is the question it answers.
+    """
+
+    num_heads: int
+    rates: Sequence[int]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "exact"
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
+        outputs = []
+        for g, rate in enumerate(self.rates, start=1):
+            k, v = aggregated_keys_values(x, rate, dim, g, kw)
+            out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
+                                       self.implementation)
+            outputs.append(out.reshape(x.shape))
+        return dense(dim, name="proj", **kw)(jnp.concatenate(outputs, axis=-1))

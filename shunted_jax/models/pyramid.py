@@ -13,7 +13,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from shunted_jax.models.attention import ShuntedSelfAttention, SpatialReductionAttention
+from shunted_jax.models.attention import (
+    MultiScaleTokenAggregator,
+    ShuntedSelfAttention,
+    SpatialReductionAttention,
+)
 from shunted_jax.models.ffn import FeedForward
 from shunted_jax.models.layers import (
     BLOCK_NORM_EPS,
@@ -26,7 +30,8 @@ from shunted_jax.models.layers import (
 
 Dtype = Any
 
-ATTENTION_KINDS = ("ssa", "sra", "linear_sra")
+ATTENTION_KINDS = ("ssa", "sra", "linear_sra", "aggregator")
+MULTI_SCALE_KINDS = ("ssa", "aggregator")  # attentions whose per-stage rates come from ssa_rates
 STEM_KINDS = ("conv", "patch")
 
 
@@ -93,9 +98,9 @@ class Block(nn.Module):
     def __call__(self, x, drop_path_rate):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
-        if self.attention == "ssa":
-            attn = ShuntedSelfAttention(self.num_heads, tuple(self.rates), implementation=self.attention_impl,
-                                        name="attn", **kw)
+        if self.attention in MULTI_SCALE_KINDS:
+            kind = ShuntedSelfAttention if self.attention == "ssa" else MultiScaleTokenAggregator
+            attn = kind(self.num_heads, tuple(self.rates), implementation=self.attention_impl, name="attn", **kw)
         else:
             attn = SpatialReductionAttention(self.num_heads, sr_ratio=self.rates[0],
                                              linear=self.attention == "linear_sra",
@@ -106,6 +111,18 @@ class Block(nn.Module):
             layer_norm(BLOCK_NORM_EPS, name="norm2", **kw)(x))
         x = x + drop_path(y, drop_path_rate, self.deterministic, self)
         return x, None
+
+
+def scanned_blocks(depth: int, unroll: int, **block_fields) -> nn.Module:
+    """`depth` Blocks as one nn.scan: params (and sown intermediates) get a leading depth axis,
+    each block its own init and dropout keys. Call it with (map, per-block drop-path rates)."""
+    return nn.scan(
+        Block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=depth,
+        unroll=max(1, min(unroll, depth)),
+    )(**block_fields)
 
 
 class PyramidVisionTransformer(nn.Module):
@@ -133,8 +150,8 @@ class PyramidVisionTransformer(nn.Module):
     scan_unroll: int = 1  # blocks per loop iteration: more compiles slower, may run faster
 
     def stage_rates(self) -> Tuple[Tuple[int, ...], ...]:
-        """Per stage: the SSA group rates, or the single SRA reduction ratio."""
-        if self.attention == "ssa":
+        """Per stage: the SSA group (or aggregator branch) rates, or the single SRA reduction ratio."""
+        if self.attention in MULTI_SCALE_KINDS:
             if self.ssa_rates is not None:
                 return tuple(tuple(r) for r in self.ssa_rates)
             return tuple(official_ssa_rates(r) for r in self.sr_ratios)
@@ -203,23 +220,10 @@ class PyramidVisionTransformer(nn.Module):
             else:
                 x = PatchEmbed(self.embed_dims[0], kernel=7, stride=4, name="patch_embed1", **kw)(x)
             start = sum(self.depths[:i])
-            blocks = nn.scan(
-                Block,
-                variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True, "dropout": True},
-                length=self.depths[i],
-                unroll=max(1, min(self.scan_unroll, self.depths[i])),
-            )(
-                num_heads=self.num_heads[i],
-                mlp_ratio=self.mlp_ratios[i],
-                attention=self.attention,
-                rates=self.stage_rates()[i],
-                ffn=self.ffn,
-                deterministic=not train,
-                attention_impl=self.attention_impl,
-                name=f"block{i + 1}",
-                **kw,
-            )
+            blocks = scanned_blocks(
+                self.depths[i], self.scan_unroll, num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i],
+                attention=self.attention, rates=self.stage_rates()[i], ffn=self.ffn, deterministic=not train,
+                attention_impl=self.attention_impl, name=f"block{i + 1}", **kw)
             x, _ = blocks(x, jnp.asarray(drop_rates[start : start + self.depths[i]], jnp.float32))
             x = layer_norm(BLOCK_NORM_EPS, name=f"norm{i + 1}", **kw)(x)
             features.append(x)

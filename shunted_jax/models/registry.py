@@ -1,30 +1,41 @@
-"""Model names -> configured modules. Every field of the pyramid can be overridden by name."""
+"""Model names -> configured modules. Every field of a model can be overridden by name."""
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Tuple, Type
 
-from shunted_jax.models import pvt_v2, shunted
+import flax.linen as nn
+
+from shunted_jax.models import pvt_v2, shunted, vit
 from shunted_jax.models.pyramid import PyramidVisionTransformer
+from shunted_jax.models.vit import VisionTransformer
 
-_VARIANTS: Dict[str, dict] = {**shunted.VARIANTS, **pvt_v2.VARIANTS}
-_FIELDS = {f.name for f in dataclasses.fields(PyramidVisionTransformer)} - {"parent", "name"}
+_VARIANTS: Dict[str, Tuple[Type[nn.Module], dict]] = {
+    **{name: (PyramidVisionTransformer, fields) for name, fields in {**shunted.VARIANTS, **pvt_v2.VARIANTS}.items()},
+    **{name: (VisionTransformer, fields) for name, fields in vit.VARIANTS.items()},
+}
+OFFICIAL_FAMILY = PyramidVisionTransformer  # the variants with released PyTorch checkpoints
 
 
-def list_models() -> List[str]:
-    return sorted(_VARIANTS)
+def list_models(official_only: bool = False) -> List[str]:
+    """All names, or only those of the official models (the ones `convert` can load)."""
+    return sorted(n for n, (cls, _) in _VARIANTS.items() if not official_only or cls is OFFICIAL_FAMILY)
+
+
+def _lookup(name: str):
+    if name not in _VARIANTS:
+        raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(list_models())}.")
+    return _VARIANTS[name]
 
 
 def variant_fields(name: str) -> dict:
-    """The official settings of a named variant (a copy)."""
-    if name not in _VARIANTS:
-        raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(list_models())}.")
-    return dict(_VARIANTS[name])
+    """The settings of a named variant (a copy)."""
+    return dict(_lookup(name)[1])
 
 
-def create(name: str, **overrides) -> PyramidVisionTransformer:
+def create(name: str, **overrides) -> nn.Module:
     """Build a named variant, e.g. create("shunted_s", num_classes=10, drop_path_rate=0.2)."""
-    fields = variant_fields(name)
-    unknown = sorted(set(overrides) - _FIELDS)
+    cls, fields = _lookup(name)
+    valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(f"Unknown model field(s) {unknown} for {name!r}. Valid fields: {', '.join(sorted(_FIELDS))}.")
-    fields.update(overrides)
-    return PyramidVisionTransformer(**fields)
+        raise ValueError(f"Unknown model field(s) {unknown} for {name!r}. Valid fields: {', '.join(sorted(valid))}.")
+    return cls(**{**fields, **overrides})
