@@ -128,30 +128,33 @@ def run(args) -> dict:
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
     }
+    print(format_header(result), flush=True)
     if args.eval_batch:
         inference = bench_inference(model, args.eval_batch, args.image_size, args.steps)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference
+        print(format_part("inference", inference), flush=True)
     if args.batch:
         train = bench_train(config, model, args.batch, args.image_size, args.steps, args.profile)
         train["peak_memory_gib"] = _peak_memory_gib()
         train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
         result["train"] = train
+        print(format_part("train", train), flush=True)
     return result
 
 
-def format_result(result: dict) -> str:
-    lines = [f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
-             f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image"]
-    for kind in ("train", "inference"):
-        if kind in result:
-            r = result[kind]
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
-            lines.append(f"  {kind:<9} batch {r['batch']:>4}: {r['images_per_s']:>9,.0f} img/s  "
-                         f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu})")
-    return "\n".join(lines)
+def format_header(result: dict) -> str:
+    return (f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
+            f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image")
+
+
+def format_part(kind: str, r: dict) -> str:
+    """One measured part, printed as soon as it is measured (a long compile may outlast the run)."""
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
+    return (f"  {kind:<9} batch {r['batch']:>4}: {r['images_per_s']:>9,.0f} img/s  "
+            f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu})")
 
 
 def main(argv=None):
@@ -172,7 +175,6 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     result = run(args)
-    print(format_result(result), flush=True)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

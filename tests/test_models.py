@@ -9,7 +9,7 @@ from conftest import DATA_DIR
 
 from shunted_jax import models
 from shunted_jax.convert import torch_to_flax
-from shunted_jax.models.attention import MultiScaleTokenAggregator
+from shunted_jax.models.attention import MultiScaleTokenAggregator, choose_attention, pad_keys
 from shunted_jax.models.flops import count_macs
 
 TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
@@ -71,6 +71,34 @@ def test_fused_attention_path_matches_exact_path():
     arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float32)
     fused = model.clone(attention_impl="xla").apply(variables, images)
     np.testing.assert_allclose(fused, model.apply(variables, images), atol=1e-5)
+
+
+def test_auto_attention_uses_cudnn_only_where_it_measured_faster():
+    bf16 = jnp.bfloat16
+    assert choose_attention("auto", 3136, 49, bf16, "gpu") == "cudnn"
+    assert choose_attention("auto", 196, 196, bf16, "gpu") == "cudnn"
+    assert choose_attention("auto", 196, 49, bf16, "gpu") == "exact"  # small: XLA's einsums win
+    assert choose_attention("auto", 49, 49, bf16, "gpu") == "exact"  # odd queries: cuDNN refuses
+    assert choose_attention("auto", 3136, 49, jnp.float32, "gpu") == "exact"
+    assert choose_attention("auto", 3136, 49, bf16, "cpu") == "exact"
+    assert choose_attention("xla", 49, 49, bf16, "cpu") == "xla"
+    with pytest.raises(ValueError, match="auto"):
+        choose_attention("flash", 49, 49, bf16, "gpu")
+
+
+def test_keys_padded_for_cudnn_are_masked_out():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 2, 8)) for i in range(3))
+    k, v = k[:, :7], v[:, :7]
+    padded_k, padded_v, lengths = pad_keys(k, v)
+    assert padded_k.shape[1] == 64 and list(lengths) == [7, 7]
+    masked = jax.nn.dot_product_attention(q, padded_k, padded_v, key_value_seq_lengths=lengths)
+    np.testing.assert_allclose(masked, jax.nn.dot_product_attention(q, k, v), atol=1e-6)
+
+
+def test_multiply_adds_do_not_depend_on_the_attention_kernel():
+    model = models.create("shunted_t", num_classes=10)
+    # The cuDNN path cannot even be traced on a CPU: counting must use the exact einsums.
+    assert count_macs(model.clone(attention_impl="cudnn"), (64, 64)) == count_macs(model, (64, 64))
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))

@@ -23,8 +23,45 @@ from shunted_jax.models.layers import (
 Dtype = Any
 
 
-ATTENTION_IMPLS = ("exact", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
 POOL_SCOPE = "adaptive_avg_pool"  # a pooling, not a layer: the MAC counter skips it, as torch's does
+# In isolation cuDNN's fused attention beats XLA's einsums on an H100 from 784 queries x 49 keys
+# per head up (3136x49, 784x49, 196x196), and loses below (196x49, 49x49). In the whole scanned
+# model "auto" sped up inference a little but slowed the train step (BENCHMARKS.md), so it is
+# an option, not the default.
+CUDNN_MIN_LOGITS_PER_HEAD = 784 * 49
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def choose_attention(implementation: str, queries: int, keys: int, dtype, backend: str) -> str:
+    """Resolves "auto": cuDNN's fused kernel where it is faster and accepts the shape (a GPU,
+    16-bit inputs, an even query count, at least CUDNN_MIN_LOGITS_PER_HEAD logits per head),
+    the exact einsums everywhere else (CPU, TPU, float32 and float64 stay exact)."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLS}.")
+    if implementation != "auto":
+        return implementation
+    fused = (backend == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES and queries % 2 == 0
+             and queries * keys >= CUDNN_MIN_LOGITS_PER_HEAD)
+    return "cudnn" if fused else "exact"
+
+
+def pad_keys(k, v, multiple: int = 64):
+    """K and V padded along the keys to a multiple of `multiple`, and the true key count per
+    example (for `key_value_seq_lengths`, which masks the padding out of the softmax)."""
+    keys = k.shape[1]
+    pad = ((0, 0), (0, -(-keys // multiple) * multiple - keys), (0, 0), (0, 0))
+    return jnp.pad(k, pad), jnp.pad(v, pad), jnp.full((k.shape[0],), keys, jnp.int32)
+
+
+def fused_attention(q, k, v, scale: float, implementation: str):
+    """jax.nn.dot_product_attention. For cuDNN an odd key count (49) is padded and masked by
+    length, because its training kernels refuse odd sequence lengths."""
+    if implementation == "cudnn" and k.shape[1] % 2:
+        k, v, lengths = pad_keys(k, v)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
+                                            implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
 
 def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exact"):
@@ -33,14 +70,13 @@ def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exac
     "exact": einsums with the logits and softmax in float32, or float64 when the inputs are
     (jax.nn.dot_product_attention always rounds its softmax to float32, which float64 parity
     tests see). "xla" / "cudnn": jax.nn.dot_product_attention with that implementation.
-    With the 'intermediates' collection mutable the exact path also stores the attention
-    probabilities there, for pictures of what each head looks at.
+    "auto": `choose_attention`. With the 'intermediates' collection mutable the exact path is
+    taken and stores the attention probabilities there, for pictures of what each head looks at.
     """
-    if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLS}.")
+    implementation = choose_attention(implementation, q.shape[1], k.shape[1], q.dtype, jax.default_backend())
     scale = q.shape[-1] ** -0.5
     if implementation != "exact" and not module.is_mutable_collection("intermediates"):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+        return fused_attention(q, k, v, scale, implementation)
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype) * scale
     probs = jax.nn.softmax(logits, axis=-1)
