@@ -24,3 +24,11 @@ def test_overrides_change_the_count(capsys):
     out = capsys.readouterr().out
     assert "64x48" in out and "published" not in out
     assert "11,553,576" not in out
+
+
+def test_single_stage_model_lists_every_part(capsys):
+    summary.main(["--model", "vit_ti16"])
+    lines = capsys.readouterr().out.splitlines()
+    parts = [line.split()[0] for line in lines[3:]]
+    assert parts == ["stage1", "head", "pos_embed", "total"]
+    assert "5,717,032" in lines[-1]  # the total row adds the position embedding too

@@ -48,7 +48,8 @@ def summarize(model, image_hw=(224, 224)) -> List[dict]:
     params = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), size)["params"]
     counts = params_per_part(params)
     macs = count_macs(model, image_hw)
-    parts = [f"stage{i}" for i in range(1, 5)] + ["head"]
+    stages = [f"stage{i}" for i in range(1, 5) if f"stage{i}" in counts]
+    parts = stages + sorted(set(counts) - set(stages))  # the head, and e.g. a ViT's position embedding
     rows = [dict(part=p, params=counts.get(p, 0), **macs.get(p, dict(conv=0, linear=0, attention=0, all=0)))
             for p in parts]
     rows.append(dict(part="total", params=sum(counts.values()), **macs["total"]))
@@ -58,7 +59,7 @@ def summarize(model, image_hw=(224, 224)) -> List[dict]:
 def format_table(rows: List[dict], grids) -> str:
     header = f"{'part':<8}{'grid':>9}{'params':>14}{'conv GMAC':>11}{'linear':>9}{'attn':>8}{'total':>9}"
     lines = [header, "-" * len(header)]
-    for row, grid in zip(rows, list(grids) + [None, None]):
+    for row, grid in zip(rows, list(grids) + [None] * (len(rows) - len(grids))):
         shown = f"{grid[0]}x{grid[1]}" if grid else ""
         lines.append(
             f"{row['part']:<8}{shown:>9}{row['params']:>14,}{row['conv'] / 1e9:>11.4f}"
