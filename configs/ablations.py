@@ -48,25 +48,21 @@ VARIANTS = (
                     "position embedding, plain attention and MLP; parameters matched (0.30 M)."},
 )
 
-# Every setting resizes the 28x28 images with the {image_size} placeholder (the demo configs write 32).
-_AT_IMAGE_SIZE = {"data.pp_train": "decode|resize({image_size})|flip_lr|value_range(0,1)|normalize",
-                  "data.pp_eval": "decode|resize({image_size})|value_range(0,1)|normalize"}
-
 # Evaluations fall on log steps, and a log interval that contains one (or the first compile) is
 # left out of the throughput, so log more often than you evaluate.
 SETTINGS = {
     # What the tests execute: compile-bound, a few seconds of training per variant.
-    "small": {**_AT_IMAGE_SIZE, "data.image_size": 64, "data.eval_split": "test[:200]",
+    "small": {"data.image_size": 64, "data.eval_split": "test[:200]",
               "global_batch_size": 16, "eval_batch_size": 200, "num_train_steps": 12,
               "optimizer.warmup_steps": 2, "log_every_steps": 3, "eval_every_steps": 6,
               "checkpoint.every_steps": 1000},
     # 2 CPU cores, 22 minutes for all seven: 12,800 images (a fifth of an epoch) each, at the demo's
     # peak learning rate (2e-3). Small batches: on a CPU they train more images per second.
-    "demo": {**_AT_IMAGE_SIZE, "data.image_size": 64, "global_batch_size": 32, "eval_batch_size": 1000,
+    "demo": {"data.image_size": 64, "global_batch_size": 32, "eval_batch_size": 1000,
              "num_train_steps": 400, "optimizer.base_lr": 0.032, "optimizer.warmup_steps": 40,
              "log_every_steps": 10, "eval_every_steps": 100, "checkpoint.every_steps": 1000},
     # A GPU / TPU runtime: 10 epochs at 96 px (grids 24/12/6/3) on every test image.
-    "full": {**_AT_IMAGE_SIZE, "data.image_size": 96, "global_batch_size": 256, "eval_batch_size": 1000,
+    "full": {"data.image_size": 96, "global_batch_size": 256, "eval_batch_size": 1000,
              "num_epochs": 10.0, "optimizer.warmup_epochs": 0.5, "log_every_steps": 50,
              "eval_every_epochs": 1.0, "checkpoint.every_steps": 2000},
 }

@@ -6,8 +6,8 @@ import ml_collections
 
 from shunted_jax import data, models
 
-DEMO_PP_TRAIN = "decode|resize(32)|flip_lr|value_range(0,1)|normalize"
-DEMO_PP_EVAL = "decode|resize(32)|value_range(0,1)|normalize"
+DEMO_PP_TRAIN = "decode|resize({image_size})|flip_lr|value_range(0,1)|normalize"
+DEMO_PP_EVAL = "decode|resize({image_size})|value_range(0,1)|normalize"
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -22,9 +22,9 @@ def parse_arg(arg: str | None) -> dict:
 def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: float = 0.0):
     """The official ImageNet-1k recipe (Shunted / PVTv2 papers, DeiT-style training) at 224 pixels."""
     config = ml_collections.ConfigDict()
-    # Every field of the variant is listed, so any of them can be overridden from the command line.
+    # Every field of the model is listed, so any of them can be overridden from the command line.
     config.model = ml_collections.ConfigDict(
-        {"name": model_name, **models.variant_fields(model_name), "drop_path_rate": drop_path_rate,
+        {"name": model_name, **models.model_fields(model_name), "drop_path_rate": drop_path_rate,
          "dtype": "bfloat16", "attention_impl": "exact",
          # Blocks per scan iteration; 64 unrolls every stage: ~1.7x faster steps on an H100,
          # compiles of several minutes on a fresh machine (BENCHMARKS.md).

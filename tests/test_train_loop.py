@@ -196,3 +196,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
         loop.train_and_evaluate(small_config(), tmp_path)
     assert checkpoint_steps(tmp_path) == [2]
+
+
+@pytest.mark.parametrize("config_file", ["shunted_t", "vit"])
+def test_configs_list_every_model_field_and_resize_to_the_image_size(config_file):
+    """Any model field can be overridden from train.py's command line, and the demo follows data.image_size."""
+    import dataclasses
+    import importlib
+
+    from shunted_jax import models
+    from shunted_jax.data import config as data_config
+
+    config = importlib.import_module(f"configs.{config_file}").get_config("demo")
+    model_class = type(models.create(config.model.name))
+    fields = {f.name for f in dataclasses.fields(model_class)} - {"parent", "name", "num_classes"}
+    assert set(config.model) - {"name"} == fields
+    config.unlock()
+    config.data.image_size = 48
+    assert "resize(48)" in data_config.format_pp(config.data.pp_train, config.data)
+    assert "resize(48)" in data_config.format_pp(config.data.pp_eval, config.data)

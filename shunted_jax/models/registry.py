@@ -3,6 +3,7 @@ import dataclasses
 from typing import Dict, List, Tuple, Type
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from shunted_jax.models import pvt_v2, shunted, vit
 from shunted_jax.models.pyramid import PyramidVisionTransformer
@@ -29,6 +30,17 @@ def _lookup(name: str):
 def variant_fields(name: str) -> dict:
     """The settings of a named variant (a copy)."""
     return dict(_lookup(name)[1])
+
+
+def model_fields(name: str) -> dict:
+    """Every field of the variant's model class but `num_classes` (the dataset sets it), the
+    variant's settings over the class defaults, dtypes by name: what a config lists so that each
+    field can be overridden by name."""
+    cls, fields = _lookup(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.name not in ("parent", "name", "num_classes") and f.default is not dataclasses.MISSING}
+    merged = {**defaults, **fields}
+    return {key: jnp.dtype(value).name if key.endswith("dtype") else value for key, value in merged.items()}
 
 
 def create(name: str, **overrides) -> nn.Module:

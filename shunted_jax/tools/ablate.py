@@ -87,17 +87,10 @@ def load_train_config(spec: str):
 
 
 def with_overrides(config, overrides: dict):
-    """A copy of a locked config with dotted fields replaced; other unknown fields are errors.
-
-    A model field that the config file does not list (the pyramid's `ssa_rates`, the ViT's
-    `attention`, `ffn`) is added: `models.create` refuses it later if the model has no such field.
-    """
+    """A copy of a locked config with dotted fields replaced; an unknown field is an error, as on
+    train.py's command line (config files list every model field)."""
     config = copy.deepcopy(config)
-    added = {key: value for key, value in overrides.items()
-             if key.startswith("model.") and key.count(".") == 1 and key[len("model."):] not in config.model}
-    with config.unlocked():
-        config.model.update({key[len("model."):]: value for key, value in added.items()})
-    config.update_from_flattened_dict({key: value for key, value in overrides.items() if key not in added})
+    config.update_from_flattened_dict(overrides)
     return config
 
 
