@@ -1,0 +1,119 @@
+"""Isolated timings of the attention core and the detail-specific FFN at every Shunted stage shape.
+
+    python benchmarks/kernels.py [attention|ffn|all]
+
+Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
+forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
+are the tables of BENCHMARKS.md, "Session 2"; they decide `attention_impl="auto"`'s threshold.
+"""
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BF16 = jnp.bfloat16
+ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), (196, 49, 4), (196, 196, 4),
+                    (49, 49, 16)]  # (queries, keys, heads)
+FFN_SHAPES = [(56, 64, 512), (28, 128, 1024), (14, 256, 1024)]  # (side, channels, hidden)
+
+
+def report(name: str, fn, *args, runs: int = 20) -> None:
+    """Mean milliseconds per call, or why the candidate was refused."""
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+        for _ in range(3):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(runs):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        print(f"{name:60s} {1e3 * (time.perf_counter() - start) / runs:8.3f} ms", flush=True)
+    except Exception as error:  # a refused shape is a result: cuDNN rejects some lengths
+        print(f"{name:60s} refused: {type(error).__name__}: {str(error)[:120]}", flush=True)
+
+
+def training(fn):
+    """Forward and backward with respect to every input."""
+    return lambda *args: jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=tuple(range(len(args))))(*args)
+
+
+def einsum_attention(q, k, v, logits_dtype=jnp.float32):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype) * q.shape[-1] ** -0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1).astype(v.dtype), v)
+
+
+def cudnn_padded(q, k, v, multiple: int = 64):
+    keys = k.shape[1]
+    pad = ((0, 0), (0, -(-keys // multiple) * multiple - keys), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), keys, jnp.int32)
+    return jax.nn.dot_product_attention(q, jnp.pad(k, pad), jnp.pad(v, pad), key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+
+
+ATTENTION = {
+    "exact": einsum_attention,
+    "bf16 logits": lambda q, k, v: einsum_attention(q, k, v, BF16),
+    "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+    "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+    "cudnn pad64": cudnn_padded,
+}
+
+
+def depthwise_conv(u, w):
+    return lax.conv_general_dilated(u, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=u.shape[-1])
+
+
+def depthwise_shifts(u, w):
+    height, width = u.shape[1:3]
+    padded = jnp.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, i:i + height, j:j + width] * w[i, j, 0] for i in range(3) for j in range(3))
+
+
+@jax.custom_vjp
+def depthwise_shifts_conv_backward(u, w):
+    return depthwise_shifts(u, w)
+
+
+depthwise_shifts_conv_backward.defvjp(lambda u, w: (depthwise_shifts(u, w), (u, w)),
+                                      lambda res, g: jax.vjp(depthwise_conv, *res)[1](g))
+
+HIDDEN = {
+    "conv": lambda u, w, b: u + depthwise_conv(u, w) + b,
+    "identity folded into the kernel": lambda u, w, b: depthwise_conv(u, w.at[1, 1, 0].add(1)) + b,
+    "9 shifted multiply-adds": lambda u, w, b: u + depthwise_shifts(u, w) + b,
+    "shifts forward, conv backward": lambda u, w, b: u + depthwise_shifts_conv_backward(u, w) + b,
+}
+
+
+def detail_ffn(hidden):
+    def ffn(x, w1, b1, wd, bd, w2, b2):
+        return jax.nn.gelu(hidden(x @ w1 + b1, wd, bd), approximate=False) @ w2 + b2
+    return ffn
+
+
+def main(part: str) -> None:
+    key = jax.random.key(0)
+    if part in ("attention", "all"):
+        for queries, keys, heads in ATTENTION_SHAPES:
+            q = jax.random.normal(key, (256, queries, heads, 32), BF16)
+            k = jax.random.normal(key, (256, keys, heads, 32), BF16)
+            for name, fn in ATTENTION.items():
+                report(f"attention {name} {queries}x{keys} h{heads} fwd b256", fn, q, k, k)
+                report(f"attention {name} {queries}x{keys} h{heads} train b128", training(fn), q[:128], k[:128], k[:128])
+    if part in ("ffn", "all"):
+        for side, channels, hidden in FFN_SHAPES:
+            shapes = [(channels, hidden), (hidden,), (3, 3, 1, hidden), (hidden,), (hidden, channels), (channels,)]
+            params = [0.05 * jax.random.normal(key, s, BF16) for s in shapes]
+            x = jax.random.normal(key, (256, side, side, channels), BF16)
+            for name, fn in HIDDEN.items():
+                report(f"ffn {name} {side}x{side}x{channels}->{hidden} fwd b256", detail_ffn(fn), x, *params)
+                report(f"ffn {name} {side}x{side}x{channels}->{hidden} train b128", training(detail_ffn(fn)),
+                       x[:128], *params)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")
