@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from shunted_jax.models.attention import pad_keys
+
 BF16 = jnp.bfloat16
 ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), (196, 49, 4), (196, 196, 4),
                     (49, 49, 16)]  # (queries, keys, heads)
@@ -45,12 +47,9 @@ def einsum_attention(q, k, v, logits_dtype=jnp.float32):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1).astype(v.dtype), v)
 
 
-def cudnn_padded(q, k, v, multiple: int = 64):
-    keys = k.shape[1]
-    pad = ((0, 0), (0, -(-keys // multiple) * multiple - keys), (0, 0), (0, 0))
-    lengths = jnp.full((q.shape[0],), keys, jnp.int32)
-    return jax.nn.dot_product_attention(q, jnp.pad(k, pad), jnp.pad(v, pad), key_value_seq_lengths=lengths,
-                                        implementation="cudnn")
+def cudnn_padded(q, k, v):
+    k, v, lengths = pad_keys(k, v)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
 ATTENTION = {

@@ -9,11 +9,9 @@ model FLOP utilisation from the project's own MAC count (a backward counted as t
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
 """
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
-import sys
 import time
 
 import jax
@@ -34,16 +32,13 @@ _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def load_training_config(model_name: str):
     """The model's training config file (configs/NAME.py, or configs/FAMILY.py:variant=V for
     pvt_v2_V and vit_V), unlocked."""
-    family, arg = (model_name, None)
+    from shunted_jax.train import load_config_file
+
+    spec = str(_CONFIGS / f"{model_name}.py")
     for prefix in ("pvt_v2", "vit"):
         if model_name.startswith(prefix + "_"):
-            family, arg = prefix, f"variant={model_name[len(prefix) + 1:]}"
-    if str(_CONFIGS.parent) not in sys.path:  # config files import their siblings as `configs.*`
-        sys.path.insert(0, str(_CONFIGS.parent))
-    spec = importlib.util.spec_from_file_location(f"configs.{family}", _CONFIGS / f"{family}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+            spec = f"{_CONFIGS / prefix}.py:variant={model_name[len(prefix) + 1:]}"
+    config = load_config_file(spec)
     config.unlock()
     return config
 

@@ -65,7 +65,7 @@ def _is_stacked(path: FlaxPath) -> bool:
 
 def _official_keys(path: FlaxPath, shape, num_conv: int) -> Iterator[str]:
     """The official key(s) of one Flax leaf: one per block for the scanned block stacks."""
-    collection, modules, leaf = path[0], path[1:-1], path[-1]
+    modules, leaf = path[1:-1], path[-1]
     suffix = _LEAF_TO_TORCH[leaf]
     if _is_stacked(path):
         rest = _torch_module_name(modules[1:], num_conv)

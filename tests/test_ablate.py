@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from shunted_jax import train
 from shunted_jax.tools import ablate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ def test_unknown_names_list_the_valid_ones():
 
 
 def test_a_misspelled_field_is_refused_and_overrides_leave_the_original_alone():
-    config = ablate.load_train_config(str(REPO / "configs/shunted_t.py") + ":demo")
+    config = train.load_config_file(str(REPO / "configs/shunted_t.py") + ":demo")
     with pytest.raises(KeyError, match="optimiser"):
         ablate.with_overrides(config, {"optimiser.base_lr": 1.0})
     changed = ablate.with_overrides(config, {"model.ssa_rates": ((4,), (2,), (1,), (1,)), "num_train_steps": 3})

@@ -57,11 +57,11 @@ def pad_keys(k, v, multiple: int = 64):
 def fused_attention(q, k, v, scale: float, implementation: str):
     """jax.nn.dot_product_attention. For cuDNN an odd key count (49) is padded and masked by
     length, because its training kernels refuse odd sequence lengths."""
+    lengths = None
     if implementation == "cudnn" and k.shape[1] % 2:
         k, v, lengths = pad_keys(k, v)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
-                                            implementation=implementation)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
 
 
 def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exact"):
@@ -138,7 +138,17 @@ class SpatialReductionAttention(nn.Module):
         return dense(dim, name="proj", **kw)(out.reshape(x.shape))
 
 
-class ShuntedSelfAttention(nn.Module):
+class MultiScaleAttention(nn.Module):
+    """The fields of an attention whose keys/values are aggregated at several `rates`."""
+
+    num_heads: int
+    rates: Sequence[int]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "exact"
+
+
+class ShuntedSelfAttention(MultiScaleAttention):
     """Shunted self-attention: heads split into equal groups, group g attending to keys/values
     aggregated at its own rate `rates[g]`.
 
@@ -148,12 +158,6 @@ class ShuntedSelfAttention(nn.Module):
     r = 1 the single-group form `rates == (1,)`: plain attention over all tokens with the
     local enhancement of V added to the attention output instead.
     """
-
-    num_heads: int
-    rates: Sequence[int]
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str = "exact"
 
     @nn.compact
     def __call__(self, x):
@@ -205,7 +209,7 @@ def aggregated_keys_values(x, rate: int, width: int, group: int, kw):
     return k, v + depthwise_conv3x3(width, name=f"local_conv{group}", **kw)(v)
 
 
-class MultiScaleTokenAggregator(nn.Module):
+class MultiScaleTokenAggregator(MultiScaleAttention):
     """An ablation of SSA: every scale gets all the heads instead of a share of them.
 
     Branch g aggregates keys/values at `rates[g]` exactly as an SSA group does, and all
@@ -213,12 +217,6 @@ class MultiScaleTokenAggregator(nn.Module):
     (len(rates) x C channels) and projected back to C by one linear layer. It costs about
     len(rates) times SSA's attention, which is the question it answers.
     """
-
-    num_heads: int
-    rates: Sequence[int]
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str = "exact"
 
     @nn.compact
     def __call__(self, x):

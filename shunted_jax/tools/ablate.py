@@ -79,13 +79,6 @@ def setting_overrides(settings: dict, setting: str) -> dict:
     return select(settings, [setting], "setting")[0]
 
 
-def load_train_config(spec: str):
-    """A config as `train.py --config path[:arg]` builds it (get_config(arg), or get_config())."""
-    path, _, arg = spec.partition(":")
-    get_config = runpy.run_path(existing_file(path))["get_config"]
-    return get_config(arg) if arg else get_config()
-
-
 def with_overrides(config, overrides: dict):
     """A copy of a locked config with dotted fields replaced; an unknown field is an error, as on
     train.py's command line (config files list every model field)."""
@@ -96,7 +89,7 @@ def with_overrides(config, overrides: dict):
 
 def variant_config(variant: Variant, budget: dict, extra: dict | None = None):
     """The variant's train config: its file, its own overrides, the setting's, then `extra`."""
-    config = load_train_config(variant.config)
+    config = train.load_config_file(variant.config)
     for overrides in (variant.overrides, budget, extra or {}):
         config = with_overrides(config, overrides)
     return config
