@@ -32,3 +32,31 @@ def test_single_stage_model_lists_every_part(capsys):
     parts = [line.split()[0] for line in lines[3:]]
     assert parts == ["stage1", "head", "pos_embed", "total"]
     assert "5,717,032" in lines[-1]  # the total row adds the position embedding too
+
+
+def _load_benchmark_script(name: str):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_xla_pass_times_sums_passes_by_name_and_lists_programs():
+    xla_pass_times = _load_benchmark_script("xla_pass_times")
+    log = [
+        "I1125 02:55:58.3 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 1.5 min (90000000 us)",
+        "I1125 02:55:58.4 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 250 ms (250000 us)",
+        "I1125 02:55:58.5 hlo_pass_pipeline.cc:206] HLO pass: config-assigner time: 12.5 s (12500000 us)",
+        "I1125 02:55:58.6 gpu_compiler.cc:2345] GpuCompiler::RunHloPasses for jit_train_step time: 2.17 min (130003255 us)",
+        "unrelated line",
+    ]
+    seconds, runs, programs = xla_pass_times.pass_seconds(log)
+    assert seconds == {"priority-fusion": 90.25, "config-assigner": 12.5}
+    assert runs == {"priority-fusion": 2, "config-assigner": 1}
+    assert programs == [("RunHloPasses", "jit_train_step", 2.17 * 60)]
+    report = xla_pass_times.format_report(seconds, runs, programs, top=1).splitlines()
+    assert report[-1].split() == ["priority-fusion", "90.25", "2"]
