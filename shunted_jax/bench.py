@@ -86,11 +86,10 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
 
 
 def bench_inference(model, batch: int, image_size: int, steps: int) -> dict:
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
-    from shunted_jax.train.state import run_on_host
+    from shunted_jax.train.state import initial_variables, run_on_host
 
-    variables = jax.device_put(run_on_host(lambda seed: model.init(
-        {"params": jax.random.key(seed)}, jnp.zeros((1, image_size, image_size, 3))), 0))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
+    variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
     forward = jax.jit(lambda v, x: model.apply(v, x))
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()

@@ -43,11 +43,17 @@ def run_on_host(fn, *args):
     """`fn(*args)` jitted on the host CPU, as numpy arrays.
 
     Initialisation is thousands of small random-number kernels: XLA:CPU compiles them in seconds,
-    where the GPU compiler spends 15 s on a scanned Shunted-S and over 100 s on an unrolled one.
+    where the GPU compiler spent 15-18 s on a scanned Shunted-S and 85-109 s on an unrolled one.
     """
     cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
         return jax.tree.map(np.asarray, jax.jit(fn)(*args))
+
+
+def initial_variables(model, image_size: int, seed):
+    """The model's freshly initialised variables (params, and batch_stats where it has BatchNorm)."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init({"params": jax.random.key(seed)}, images, train=False)
 
 
 def place(host_tree, shardings):
@@ -63,8 +69,7 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh, *, image_s
     Returns (state, state_sharding); the sharding pytree is what steps and checkpoint restores use.
     """
     def init(seed):
-        images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        variables = model.init({"params": jax.random.key(seed)}, images, train=False)
+        variables = initial_variables(model, image_size, seed)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
