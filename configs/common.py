@@ -25,10 +25,15 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     # Every field of the model is listed, so any of them can be overridden from the command line.
     config.model = ml_collections.ConfigDict(
         {"name": model_name, **models.model_fields(model_name), "drop_path_rate": drop_path_rate,
-         "dtype": "bfloat16", "attention_impl": "exact",
-         # Blocks per scan iteration; 64 unrolls every stage: ~1.7x faster steps on an H100,
-         # compiles of several minutes on a fresh machine (BENCHMARKS.md).
-         "scan_unroll": 1})
+         # "auto": cuDNN's fused attention for the large attentions on a GPU (exact elsewhere).
+         # Blocks per scan iteration; 64 unrolls every stage. Together, on an H100: 1.9x the
+         # train step of the scanned exact model, for a longer first compile (BENCHMARKS.md).
+         # The demo scans (compiles fast on a CPU).
+         "dtype": "bfloat16", "attention_impl": "auto", "scan_unroll": 64})
+    # XLA options for every jitted program of a run, "name=value ..." as in XLA_FLAGS. XLA:GPU's
+    # Triton normalisation rewriter made its fusion pass take 34 s of a 127 s cold train-step
+    # compile (6 min unrolled) and gained no speed (BENCHMARKS.md); other backends lack the pass.
+    config.compiler_options = "xla_disable_hlo_passes=triton-softmax-rewriter"
 
     config.data = data.default_config()
     config.data.name = "imagenet2012"
@@ -69,7 +74,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
 
 def to_demo(config, model_overrides: dict):
     """Fashion-MNIST at 32x32 with a small model: minutes on a laptop CPU, float32, no mixup."""
-    config.model.update({"drop_path_rate": 0.0, "dtype": "float32", **model_overrides})
+    config.model.update({"drop_path_rate": 0.0, "dtype": "float32", "scan_unroll": 1, **model_overrides})
     config.data.name = "fashion_mnist_demo"
     config.data.image_size = 32
     config.data.repeated_aug = 1

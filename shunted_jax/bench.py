@@ -85,12 +85,14 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
             "compile_s": compile_s, "loss": float(metrics["loss"])}
 
 
-def bench_inference(model, batch: int, image_size: int, steps: int) -> dict:
+def bench_inference(model, batch: int, image_size: int, steps: int, options: str = "") -> dict:
+    """Eval-mode forward; `options` are XLA compiler options (`train.step.compiler_options`)."""
     from shunted_jax.train.state import initial_variables, run_on_host
+    from shunted_jax.train.step import compiler_options
 
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
     variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
-    forward = jax.jit(lambda v, x: model.apply(v, x))
+    forward = jax.jit(lambda v, x: model.apply(v, x), compiler_options=compiler_options(options))
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
@@ -127,7 +129,8 @@ def run(args) -> dict:
     }
     print(format_header(result), flush=True)
     if args.eval_batch:
-        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps)
+        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps,
+                                    config.compiler_options)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference

@@ -120,6 +120,18 @@ def test_ema_tracks_the_weights_and_is_what_eval_uses():
     assert train_state.variables(use_ema=True)["params"] is train_state.ema_params
 
 
+def test_compiler_options_of_the_config_reach_xla(tmp_path):
+    config = tiny_config(pvt=True)
+    config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=eval_step"
+    setup = build(config, jax.devices()[:1])
+    batch = {**step.synthetic_batch(setup, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
+    setup.eval_step.lower(setup.state, batch).compile()
+    assert any("jit_eval_step" in path.name for path in tmp_path.iterdir())
+    assert step.compiler_options("") == {}
+    with pytest.raises(ValueError, match="xla_name=value"):
+        step.compiler_options("xla_dump_to /tmp")
+
+
 def test_schedule_follows_the_recipe():
     assert optim.peak_learning_rate(5e-4, 1024) == pytest.approx(1e-3)
     schedule = optim.warmup_cosine_schedule(peak_lr=1e-3, total_steps=300, warmup_steps=5,
