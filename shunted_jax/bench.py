@@ -2,6 +2,7 @@
 
     python -m shunted_jax.bench --model shunted_s [--batch 128] [--eval-batch 256]
         [--dtype bfloat16] [--steps 20] [--profile DIR] [--json FILE] [--set FIELD=VALUE ...]
+        [--compiler-options 'xla_name=value ...']
 
 The train step is the one `train.py` runs (mixup, forward, backward, AdamW, on the device mesh);
 inference is the jitted forward in eval mode. Reports compile time, peak device memory and the
@@ -92,7 +93,11 @@ def bench_inference(model, batch: int, image_size: int, steps: int, options: str
 
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
     variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
-    forward = jax.jit(lambda v, x: model.apply(v, x), compiler_options=compiler_options(options))
+
+    def inference(model_variables, batch_images):
+        return model.apply(model_variables, batch_images)
+
+    forward = jax.jit(inference, compiler_options=compiler_options(options))
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
@@ -117,6 +122,8 @@ def run(args) -> dict:
     overrides = parse_overrides(args.set)
     config = load_training_config(args.model)
     config.model.update({"dtype": args.dtype, **overrides})
+    if args.compiler_options is not None:
+        config.compiler_options = args.compiler_options
     config.checkpoint.asynchronous = False
     from shunted_jax.train.state import create_model
 
@@ -124,6 +131,8 @@ def run(args) -> dict:
     macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
     result = {
         "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
+        "attention_impl": config.model.get("attention_impl"), "scan_unroll": config.model.get("scan_unroll"),
+        "compiler_options": config.compiler_options,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
     }
@@ -146,7 +155,9 @@ def run(args) -> dict:
 
 def format_header(result: dict) -> str:
     return (f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
-            f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image")
+            f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image\n"
+            f"  attention_impl={result['attention_impl']} scan_unroll={result['scan_unroll']} "
+            f"compiler_options={result['compiler_options']!r}")
 
 
 def format_part(kind: str, r: dict) -> str:
@@ -170,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "shunted_jax" / "jax"),
                         help="persistent compilation cache ('' to disable)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
+    parser.add_argument("--compiler-options", metavar="'xla_name=value ...'",
+                        help="XLA options of the jitted programs, instead of the config's ('' for XLA's defaults)")
     args = parser.parse_args(argv)
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)

@@ -60,3 +60,20 @@ def test_xla_pass_times_sums_passes_by_name_and_lists_programs():
     assert programs == [("RunHloPasses", "jit_train_step", 2.17 * 60)]
     report = xla_pass_times.format_report(seconds, runs, programs, top=1).splitlines()
     assert report[-1].split() == ["priority-fusion", "90.25", "2"]
+
+
+def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, capsys):
+    import json
+
+    from shunted_jax import bench
+
+    dump = tmp_path / "dump"
+    result = bench.main(["--model", "shunted_t", "--batch", "0", "--eval-batch", "2", "--image-size", "32",
+                         "--steps", "1", "--cache-dir", "", "--json", str(tmp_path / "bench.jsonl"),
+                         "--set", "depths=(1,1,1,1)", "--compiler-options", f"xla_dump_to={dump}"])
+    assert json.loads((tmp_path / "bench.jsonl").read_text()) == json.loads(json.dumps(result))
+    assert result["inference"]["images_per_s"] > 0 and "train" not in result
+    assert (result["attention_impl"], result["scan_unroll"]) == ("auto", 64)
+    assert result["compiler_options"] == f"xla_dump_to={dump}"
+    assert any("jit_inference" in path.name for path in dump.iterdir())
+    assert "attention_impl=auto scan_unroll=64" in capsys.readouterr().out
