@@ -8,6 +8,9 @@ The train step is the one `train.py` runs (mixup, forward, backward, AdamW, on t
 inference is the jitted forward in eval mode. Reports compile time, peak device memory and the
 model FLOP utilisation from the project's own MAC count (a backward counted as two forwards).
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
+Models and XLA options are the model's training config (configs/), with --set and
+--compiler-options on top; the header and JSON record the configured attention_impl (which
+"auto" resolves per device and dtype), scan_unroll and compiler options.
 """
 import argparse
 import json
@@ -86,10 +89,9 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
             "compile_s": compile_s, "loss": float(metrics["loss"])}
 
 
-def bench_inference(model, batch: int, image_size: int, steps: int, options: str = "") -> dict:
-    """Eval-mode forward; `options` are XLA compiler options (`train.step.compiler_options`)."""
+def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict) -> dict:
+    """The eval-mode forward, compiled with XLA `compiler_options` (`train.step.parse_compiler_options`)."""
     from shunted_jax.train.state import initial_variables, run_on_host
-    from shunted_jax.train.step import compiler_options
 
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
     variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
@@ -97,7 +99,7 @@ def bench_inference(model, batch: int, image_size: int, steps: int, options: str
     def inference(model_variables, batch_images):
         return model.apply(model_variables, batch_images)
 
-    forward = jax.jit(inference, compiler_options=compiler_options(options))
+    forward = jax.jit(inference, compiler_options=compiler_options)
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
@@ -119,14 +121,16 @@ def utilisation(images_per_s: float, macs_per_image: int, passes: int):
 
 
 def run(args) -> dict:
+    from shunted_jax.train.state import create_model
+    from shunted_jax.train.step import parse_compiler_options
+
     overrides = parse_overrides(args.set)
     config = load_training_config(args.model)
     config.model.update({"dtype": args.dtype, **overrides})
     if args.compiler_options is not None:
         config.compiler_options = args.compiler_options
+    compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails here
     config.checkpoint.asynchronous = False
-    from shunted_jax.train.state import create_model
-
     model = create_model(config.model, num_classes=1000)
     macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
     result = {
@@ -138,8 +142,7 @@ def run(args) -> dict:
     }
     print(format_header(result), flush=True)
     if args.eval_batch:
-        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps,
-                                    config.compiler_options)
+        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps, compiler_options)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference

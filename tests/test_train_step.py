@@ -90,6 +90,9 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
 
     with pytest.raises(ValueError, match="another model.*name: 'shunted_t' != 'shunted_s'"):
         checkpoint.restore(manager, abstract, {"model": {"name": "shunted_s"}})
+    # A run resumes with another layout or attention kernel: the parameters are the same.
+    checkpoint.restore(manager, abstract,
+                       {"model": {"name": "shunted_t", "scan_unroll": 1, "attention_impl": "xla"}})
     manager.close()
 
 
@@ -122,14 +125,23 @@ def test_ema_tracks_the_weights_and_is_what_eval_uses():
 
 def test_compiler_options_of_the_config_reach_xla(tmp_path):
     config = tiny_config(pvt=True)
-    config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=eval_step"
+    config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=(train|eval)_step"
     setup = build(config, jax.devices()[:1])
     batch = {**step.synthetic_batch(setup, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
     setup.eval_step.lower(setup.state, batch).compile()
-    assert any("jit_eval_step" in path.name for path in tmp_path.iterdir())
-    assert step.compiler_options("") == {}
+    setup.train_step.lower(setup.state, batch).compile()
+    dumped = {path.name.split(".")[1] for path in tmp_path.iterdir() if path.name.startswith("module_")}
+    assert {"jit_train_step", "jit_eval_step"} <= dumped
+
+
+def test_compiler_options_parse_like_xla_flags():
+    assert step.parse_compiler_options("") == {}
+    assert step.parse_compiler_options("--xla_a=1 xla_b=false xla_c=TRUE xla_d=x,y") == {
+        "xla_a": "1", "xla_b": False, "xla_c": True, "xla_d": "x,y"}
     with pytest.raises(ValueError, match="xla_name=value"):
-        step.compiler_options("xla_dump_to /tmp")
+        step.parse_compiler_options("xla_dump_to /tmp")
+    with pytest.raises(ValueError, match="twice"):
+        step.parse_compiler_options("xla_a=1 xla_a=2")
 
 
 def test_schedule_follows_the_recipe():

@@ -26,9 +26,9 @@ Dtype = Any
 ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
 POOL_SCOPE = "adaptive_avg_pool"  # a pooling, not a layer: the MAC counter skips it, as torch's does
 # In isolation cuDNN's fused attention beats XLA's einsums on an H100 from 784 queries x 49 keys
-# per head up (3136x49, 784x49, 196x196), and loses below (196x49, 49x49). In the whole scanned
-# model "auto" sped up inference a little but slowed the train step (BENCHMARKS.md), so it is
-# an option, not the default.
+# per head up (3136x49, 784x49, 196x196), and loses below (196x49, 49x49). In the whole model
+# with unrolled stages "auto" speeds up training and inference of every Shunted variant (it
+# slowed the scanned train step), so the training configs use it (BENCHMARKS.md, session 4).
 CUDNN_MIN_LOGITS_PER_HEAD = 784 * 49
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 

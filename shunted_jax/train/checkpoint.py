@@ -39,16 +39,26 @@ def describe_mismatch(expected: dict, found: dict) -> str:
                      for key in keys if expected.get(key) != found.get(key))
 
 
+# Model fields that change how the model computes, not its parameters: a run may resume with others.
+EXECUTION_FIELDS = ("dtype", "attention_impl", "scan_unroll")
+
+
+def _architecture(model_fields: dict) -> dict:
+    return {key: value for key, value in model_fields.items() if key not in EXECUTION_FIELDS}
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
     """Restores the latest (or given) step into `abstract_state`'s shardings.
 
-    Raises ValueError naming the differing fields when the checkpoint was written for another model.
+    Raises ValueError naming the differing fields when the checkpoint was written for another model
+    (fields in EXECUTION_FIELDS may differ).
     """
     step = manager.latest_step() if step is None else step
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta["model"] != model_meta["model"]:
+    written, expected = _architecture(meta["model"]), _architecture(model_meta["model"])
+    if written != expected:
         raise ValueError(f"checkpoint {manager.directory}/{step} was written for another model "
-                         f"({describe_mismatch(model_meta['model'], meta['model'])}); use a fresh --workdir "
+                         f"({describe_mismatch(expected, written)}); use a fresh --workdir "
                          "or config.init_from for fine-tuning")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]

@@ -60,27 +60,30 @@ def _accumulated_loss_and_grads(model, params, batch_stats, images, targets, rng
     return loss_sum / num_micro, batch_stats, jax.tree.map(lambda g: g / num_micro, grads_sum)
 
 
-def compiler_options(text: str) -> dict[str, str]:
-    """XLA options for a jitted program from a config string: "name=value name=value", the
-    XLA_FLAGS syntax (leading dashes optional). XLA itself rejects unknown names and bad values."""
+def parse_compiler_options(text: str) -> dict:
+    """XLA options for `jax.jit` from a config string: "name=value name=value", the XLA_FLAGS
+    syntax (leading dashes optional). true/false become booleans, which is what XLA accepts
+    here; XLA itself rejects unknown names and bad values when it compiles."""
     options = {}
     for item in text.split():
         name, sep, value = item.lstrip("-").partition("=")
         if not sep or not name.startswith("xla_"):
             raise ValueError(f"compiler option {item!r} is not of the form xla_name=value; "
                              "separate several options with spaces")
-        options[name] = value
+        if name in options:
+            raise ValueError(f"compiler option {name} is given twice in {text!r}")
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
     return options
 
 
 def make_train_step(model, config, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh, state_sharding, num_classes: int) -> Callable:
+                    mesh, state_sharding, num_classes: int, compiler_options: dict) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
     `batch` is {"image": f32 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. Mixup/CutMix
     and label smoothing happen inside; randomness is `fold_in(key(config.seed), step)`, so it is
     the same on any mesh and after a resume. Metrics: loss, grad_norm, lr (replicated scalars).
-    XLA compiles it with `config.compiler_options`.
+    XLA compiles it with `compiler_options` (see `parse_compiler_options`).
     """
     base_key = jax.random.key(config.seed)
     mix = config.mixup
@@ -107,13 +110,12 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
     return jax.jit(train_step,
                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=0, compiler_options=compiler_options(config.compiler_options))
+                   donate_argnums=0, compiler_options=compiler_options)
 
 
-def make_eval_step(model, mesh, state_sharding, use_ema: bool, options: str = "") -> Callable:
+def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options: dict) -> Callable:
     """`eval_step(state, batch) -> sums` of top-1 and top-5 hits, loss and examples over the
-    examples whose `mask` is true (padding is excluded), as replicated scalars. `options` are XLA
-    compiler options (see `compiler_options`)."""
+    examples whose `mask` is true (padding is excluded), as replicated scalars."""
     def eval_step(state: TrainState, batch):
         logits = model.apply(state.variables(use_ema), batch["image"], train=False).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
@@ -124,7 +126,7 @@ def make_eval_step(model, mesh, state_sharding, use_ema: bool, options: str = ""
                 "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
     return jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh), compiler_options=compiler_options(options))
+                   out_shardings=sharding.replicated(mesh), compiler_options=compiler_options)
 
 
 @dataclasses.dataclass
@@ -159,15 +161,16 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 def setup_training(model, config, mesh, *, image_size: int, num_classes: int,
                    steps_per_epoch: int) -> TrainSetup:
     """Builds schedule, optimiser, sharded state and jitted steps exactly as `train.py` uses them."""
+    compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
     schedule = schedule_from_config(config, steps_per_epoch, total_train_steps(config, steps_per_epoch))
     tx = optim.make_optimizer(config.optimizer, schedule)
     state, state_sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,
                                                keep_ema=config.ema_decay > 0)
     return TrainSetup(
         state=state, state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-        train_step=make_train_step(model, config, tx, schedule, mesh, state_sharding, num_classes),
-        eval_step=make_eval_step(model, mesh, state_sharding, use_ema=config.ema_decay > 0,
-                                 options=config.compiler_options),
+        train_step=make_train_step(model, config, tx, schedule, mesh, state_sharding, num_classes,
+                                   compiler_options),
+        eval_step=make_eval_step(model, mesh, state_sharding, config.ema_decay > 0, compiler_options),
         schedule=schedule, mesh=mesh)
 
 
