@@ -1,10 +1,13 @@
-"""Isolated timings of the attention core and the detail-specific FFN at every Shunted stage shape.
+"""Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
+Shunted stage shape.
 
-    python benchmarks/kernels.py [attention|ffn|all]
+    python benchmarks/kernels.py [attention|ffn|depthwise|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
-are the tables of BENCHMARKS.md, "Session 2"; they decide `attention_impl="auto"`'s threshold.
+are the tables of BENCHMARKS.md, "Session 2" (they decide `attention_impl="auto"`'s threshold),
+and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the FFN's residual) and
+FeedForward modules with each `depthwise_impl`.
 """
 import sys
 import time
@@ -14,11 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from shunted_jax.models.attention import pad_keys
+from shunted_jax.models.depthwise import DepthwiseConv3x3
+from shunted_jax.models.ffn import FeedForward
 
 BF16 = jnp.bfloat16
 ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), (196, 49, 4), (196, 196, 4),
                     (49, 49, 16)]  # (queries, keys, heads)
 FFN_SHAPES = [(56, 64, 512), (28, 128, 1024), (14, 256, 1024)]  # (side, channels, hidden)
+DEPTHWISE_SHAPES = FFN_SHAPES + [(7, 512, 2048)]
 
 
 def report(name: str, fn, *args, runs: int = 20) -> None:
@@ -94,6 +100,13 @@ def detail_ffn(hidden):
     return ffn
 
 
+def module_timings(name: str, module, x) -> None:
+    """A Flax module's forward at batch 256 and forward + backward (parameters and input) at 128."""
+    variables = module.init(jax.random.key(0), x[:1])
+    report(f"{name} fwd b256", module.apply, variables, x)
+    report(f"{name} train b128", training(module.apply), variables, x[:128])
+
+
 def main(part: str) -> None:
     key = jax.random.key(0)
     if part in ("attention", "all"):
@@ -112,6 +125,15 @@ def main(part: str) -> None:
                 report(f"ffn {name} {side}x{side}x{channels}->{hidden} fwd b256", detail_ffn(fn), x, *params)
                 report(f"ffn {name} {side}x{side}x{channels}->{hidden} train b128", training(detail_ffn(fn)),
                        x[:128], *params)
+    if part in ("depthwise", "all"):
+        for side, channels, hidden in DEPTHWISE_SHAPES:
+            for impl in ("xla", "pallas"):
+                module_timings(f"depthwise {impl} {side}x{side}x{hidden}",
+                               DepthwiseConv3x3(hidden, impl, residual=True, dtype=BF16),
+                               jax.random.normal(key, (256, side, side, hidden), BF16))
+                module_timings(f"ffn module, depthwise {impl} {side}x{side}x{channels}->{hidden}",
+                               FeedForward(hidden, dtype=BF16, depthwise_impl=impl),
+                               jax.random.normal(key, (256, side, side, channels), BF16))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ model FLOP utilisation from the project's own MAC count (a backward counted as t
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
 Models and XLA options are the model's training config (configs/), with --set and
 --compiler-options on top; the header and JSON record the configured attention_impl (which
-"auto" resolves per device and dtype), scan_unroll and compiler options.
+"auto" resolves per device and dtype), depthwise_impl, scan_unroll and compiler options.
 """
 import argparse
 import json
@@ -135,7 +135,8 @@ def run(args) -> dict:
     macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
     result = {
         "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
-        "attention_impl": config.model.get("attention_impl"), "scan_unroll": config.model.get("scan_unroll"),
+        "attention_impl": config.model.get("attention_impl"), "depthwise_impl": config.model.get("depthwise_impl"),
+        "scan_unroll": config.model.get("scan_unroll"),
         "compiler_options": config.compiler_options,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
@@ -159,7 +160,8 @@ def run(args) -> dict:
 def format_header(result: dict) -> str:
     return (f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
             f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image\n"
-            f"  attention_impl={result['attention_impl']} scan_unroll={result['scan_unroll']} "
+            f"  attention_impl={result['attention_impl']} depthwise_impl={result['depthwise_impl']} "
+            f"scan_unroll={result['scan_unroll']} "
             f"compiler_options={result['compiler_options']!r}")
 
 

@@ -73,7 +73,7 @@ def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, 
                          "--set", "depths=(1,1,1,1)", "--compiler-options", f"xla_dump_to={dump}"])
     assert json.loads((tmp_path / "bench.jsonl").read_text()) == json.loads(json.dumps(result))
     assert result["inference"]["images_per_s"] > 0 and "train" not in result
-    assert (result["attention_impl"], result["scan_unroll"]) == ("auto", 64)
+    assert (result["attention_impl"], result["depthwise_impl"], result["scan_unroll"]) == ("auto", "auto", 64)
     assert result["compiler_options"] == f"xla_dump_to={dump}"
     assert any("jit_inference" in path.name for path in dump.iterdir())
-    assert "attention_impl=auto scan_unroll=64" in capsys.readouterr().out
+    assert "attention_impl=auto depthwise_impl=auto scan_unroll=64" in capsys.readouterr().out

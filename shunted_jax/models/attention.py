@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shunted_jax.models.depthwise import DepthwiseConv3x3
 from shunted_jax.models.layers import (
     TORCH_NORM_EPS,
     conv,
     dense,
-    depthwise_conv3x3,
     gelu,
     layer_norm,
 )
@@ -146,6 +146,7 @@ class MultiScaleAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "exact"
+    depthwise_impl: str = "xla"
 
 
 class ShuntedSelfAttention(MultiScaleAttention):
@@ -182,21 +183,21 @@ class ShuntedSelfAttention(MultiScaleAttention):
         k, v = kv[..., :dim], kv[..., dim:]
         out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
                                    self.implementation)
-        return out.reshape(x.shape) + depthwise_conv3x3(dim, name="local_conv", **kw)(v)
+        return out.reshape(x.shape) + DepthwiseConv3x3(dim, self.depthwise_impl, name="local_conv", **kw)(v)
 
     def _grouped_attention(self, x, q, kw):
         heads = self.num_heads // len(self.rates)
         width = x.shape[-1] // len(self.rates)
         outputs = []
         for g, rate in enumerate(self.rates, start=1):
-            k, v = aggregated_keys_values(x, rate, width, g, kw)
+            k, v = aggregated_keys_values(x, rate, width, g, self.depthwise_impl, kw)
             q_group = q[:, :, (g - 1) * heads : g * heads]
             outputs.append(multi_head_attention(self, q_group, split_heads(k, heads), split_heads(v, heads),
                                                 self.implementation))
         return jnp.concatenate(outputs, axis=2).reshape(x.shape)
 
 
-def aggregated_keys_values(x, rate: int, width: int, group: int, kw):
+def aggregated_keys_values(x, rate: int, width: int, group: int, depthwise_impl: str, kw):
     """One SSA scale: kernel = stride = `rate` conv, LayerNorm, GELU, a K/V projection to `width`
     channels each, and V's local enhancement (a depthwise 3x3 conv). Returns NHWC (k, v).
 
@@ -206,7 +207,7 @@ def aggregated_keys_values(x, rate: int, width: int, group: int, kw):
     t = gelu(layer_norm(TORCH_NORM_EPS, name=f"norm{group}", **kw)(t))
     kv = dense(2 * width, name=f"kv{group}", **kw)(t)
     k, v = kv[..., :width], kv[..., width:]
-    return k, v + depthwise_conv3x3(width, name=f"local_conv{group}", **kw)(v)
+    return k, DepthwiseConv3x3(width, depthwise_impl, residual=True, name=f"local_conv{group}", **kw)(v)
 
 
 class MultiScaleTokenAggregator(MultiScaleAttention):
@@ -225,7 +226,7 @@ class MultiScaleTokenAggregator(MultiScaleAttention):
         q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         outputs = []
         for g, rate in enumerate(self.rates, start=1):
-            k, v = aggregated_keys_values(x, rate, dim, g, kw)
+            k, v = aggregated_keys_values(x, rate, dim, g, self.depthwise_impl, kw)
             out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
                                        self.implementation)
             outputs.append(out.reshape(x.shape))

@@ -11,7 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from shunted_jax.models.layers import dense, depthwise_conv3x3, gelu
+from shunted_jax.models.depthwise import DepthwiseConv3x3
+from shunted_jax.models.layers import dense, gelu
 
 Dtype = Any
 
@@ -23,6 +24,7 @@ class FeedForward(nn.Module):
     kind: str = "detail"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    depthwise_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -35,6 +37,6 @@ class FeedForward(nn.Module):
         if self.kind == "plain":
             y = gelu(u)
         else:
-            local = depthwise_conv3x3(self.hidden_dim, name="dwconv", **kw)(u)
-            y = gelu(u + local if self.kind == "detail" else local)
+            y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, residual=self.kind == "detail",
+                                 apply_gelu=True, name="dwconv", **kw)(u)
         return dense(x.shape[-1], name="fc2", **kw)(y)

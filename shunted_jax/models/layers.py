@@ -67,11 +67,6 @@ def conv(
     )
 
 
-def depthwise_conv3x3(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
-    """The 3x3 depthwise conv of the FFN and of the local enhancement of V."""
-    return conv(features, 3, padding=1, groups=features, name=name, dtype=dtype, param_dtype=param_dtype)
-
-
 def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
     return nn.Dense(features, kernel_init=dense_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 

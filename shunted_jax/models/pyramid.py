@@ -93,6 +93,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "exact"
+    depthwise_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, drop_path_rate):
@@ -100,14 +101,15 @@ class Block(nn.Module):
         dim = x.shape[-1]
         if self.attention in MULTI_SCALE_KINDS:
             kind = ShuntedSelfAttention if self.attention == "ssa" else MultiScaleTokenAggregator
-            attn = kind(self.num_heads, tuple(self.rates), implementation=self.attention_impl, name="attn", **kw)
+            attn = kind(self.num_heads, tuple(self.rates), implementation=self.attention_impl,
+                        depthwise_impl=self.depthwise_impl, name="attn", **kw)
         else:
             attn = SpatialReductionAttention(self.num_heads, sr_ratio=self.rates[0],
                                              linear=self.attention == "linear_sra",
                                              implementation=self.attention_impl, name="attn", **kw)
         y = attn(layer_norm(BLOCK_NORM_EPS, name="norm1", **kw)(x))
         x = x + drop_path(y, drop_path_rate, self.deterministic, self)
-        y = FeedForward(int(dim * self.mlp_ratio), self.ffn, name="mlp", **kw)(
+        y = FeedForward(int(dim * self.mlp_ratio), self.ffn, depthwise_impl=self.depthwise_impl, name="mlp", **kw)(
             layer_norm(BLOCK_NORM_EPS, name="norm2", **kw)(x))
         x = x + drop_path(y, drop_path_rate, self.deterministic, self)
         return x, None
@@ -147,6 +149,7 @@ class PyramidVisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "exact"
+    depthwise_impl: str = "xla"
     scan_unroll: int = 1  # blocks per loop iteration: more compiles slower, may run faster
 
     def stage_rates(self) -> Tuple[Tuple[int, ...], ...]:
@@ -223,7 +226,7 @@ class PyramidVisionTransformer(nn.Module):
             blocks = scanned_blocks(
                 self.depths[i], self.scan_unroll, num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i],
                 attention=self.attention, rates=self.stage_rates()[i], ffn=self.ffn, deterministic=not train,
-                attention_impl=self.attention_impl, name=f"block{i + 1}", **kw)
+                attention_impl=self.attention_impl, depthwise_impl=self.depthwise_impl, name=f"block{i + 1}", **kw)
             x, _ = blocks(x, jnp.asarray(drop_rates[start : start + self.depths[i]], jnp.float32))
             x = layer_norm(BLOCK_NORM_EPS, name=f"norm{i + 1}", **kw)(x)
             features.append(x)

@@ -37,6 +37,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "exact"
+    depthwise_impl: str = "xla"
     scan_unroll: int = 1
 
     def stage_grids(self, height: int, width: int):
@@ -67,7 +68,8 @@ class VisionTransformer(nn.Module):
         drop_rates = jnp.asarray(np.linspace(0.0, self.drop_path_rate, self.depth), jnp.float32)
         blocks = scanned_blocks(self.depth, self.scan_unroll, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                                 attention=self.attention, rates=(1,), ffn=self.ffn, deterministic=not train,
-                                attention_impl=self.attention_impl, name="block1", **kw)
+                                attention_impl=self.attention_impl, depthwise_impl=self.depthwise_impl,
+                                name="block1", **kw)
         x, _ = blocks(x, drop_rates)
         x = layer_norm(BLOCK_NORM_EPS, name="norm1", **kw)(x)
         head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", **kw)

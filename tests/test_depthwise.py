@@ -1,0 +1,79 @@
+"""The Pallas depthwise kernels (run by Pallas' interpreter on the CPU) against XLA's convolution."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_models import fixture_model_and_variables
+
+from shunted_jax.models.depthwise import DepthwiseConv3x3, choose_depthwise
+from shunted_jax.models.flops import count_macs
+
+
+def value_and_grads(module, variables, x, cotangent):
+    loss = lambda v, x: jnp.sum(module.apply(v, x) * cotangent)  # noqa: E731
+    return module.apply(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
+
+
+@pytest.mark.parametrize("shape, residual, apply_gelu", [
+    ((2, 7, 7, 64), False, False),  # the stage-4 grid, one 64-channel block
+    ((2, 6, 10, 96), True, False),  # H != W, a width that is no power of two, 32-channel blocks
+    ((1, 5, 3, 32), True, True),    # the FFN: GELU(u + DWConv(u))
+])
+def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_gelu):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, cotangent = (jnp.asarray(rng.standard_normal(shape)) for _ in range(2))
+        xla, pallas = (DepthwiseConv3x3(shape[-1], impl, residual, apply_gelu, dtype=jnp.float64,
+                                        param_dtype=jnp.float64) for impl in ("xla", "pallas"))
+        variables = xla.init(jax.random.key(0), x)
+        variables = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape)), variables)  # a bias
+        want, want_grads = value_and_grads(xla, variables, x, cotangent)
+        got, got_grads = value_and_grads(pallas, variables, x, cotangent)
+        assert got.dtype == jnp.float64
+        # The fused GELU uses an erfc fit (relative error 1.1e-7 in float64); the rest is exact.
+        np.testing.assert_allclose(got, want, rtol=2e-7 if apply_gelu else 0, atol=1e-12)
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(g, w, atol=1e-11)
+
+
+def test_pallas_kernels_keep_bfloat16_and_sum_in_float32():
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 64), jnp.bfloat16)
+    xla, pallas = (DepthwiseConv3x3(64, impl, True, True, dtype=jnp.bfloat16) for impl in ("xla", "pallas"))
+    variables = xla.init(jax.random.key(0), x)
+    got, want = pallas.apply(variables, x), xla.apply(variables, x)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05, rtol=0.02)
+
+
+def test_auto_depthwise_uses_pallas_only_for_16_bit_maps_on_a_gpu():
+    bf16 = jnp.bfloat16
+    assert choose_depthwise("auto", 512, bf16, "gpu") == "pallas"
+    assert choose_depthwise("auto", 32, jnp.float16, "gpu") == "pallas"
+    assert choose_depthwise("auto", 512, jnp.float32, "gpu") == "xla"  # float32 stays exact
+    assert choose_depthwise("auto", 512, bf16, "cpu") == "xla"
+    assert choose_depthwise("auto", 48, bf16, "gpu") == "xla"  # no 32-channel blocks
+    assert choose_depthwise("pallas", 512, jnp.float32, "cpu") == "pallas"
+    with pytest.raises(ValueError, match="multiple of 32 channels.*'xla' or 'auto'"):
+        choose_depthwise("pallas", 48, bf16, "gpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        choose_depthwise("cudnn", 512, bf16, "gpu")
+
+
+def grouped_convolutions(model, variables, images):
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images))
+    return sum(int(groups) > 1 for groups in re.findall(r"feature_group_count=(\d+)", jaxpr))
+
+
+def test_every_depthwise_conv_of_the_model_takes_the_pallas_path():
+    """The tiny Shunted fixture with depthwise_impl="pallas": no grouped convolution is left in
+    the program, the official float64 logits still hold, and the MAC count is unchanged."""
+    with jax.enable_x64(True):
+        arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float64)
+        pallas = model.clone(depthwise_impl="pallas")
+        assert grouped_convolutions(model, variables, images) > 0
+        assert grouped_convolutions(pallas, variables, images) == 0
+        logits = pallas.apply(variables, images)
+        np.testing.assert_allclose(logits, arrays["logits_fp64"], rtol=1e-6, atol=1e-7)
+        assert count_macs(pallas, (64, 48)) == count_macs(model, (64, 48))
