@@ -4,11 +4,14 @@ Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
   "xla"     lax.conv_general_dilated, i.e. cuDNN on a GPU. The exact path, and the model default.
   "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU fused in) and the
             backward pass, for maps with a multiple of 32 channels. They need no autotuning:
-            XLA's autotuning of cuDNN's depthwise algorithms is half of a cold shunted_s
-            train-step compile, and on some machines it picks an algorithm that takes 45 ms
-            of a 98 ms step (BENCHMARKS.md, sessions 4 and 5). Elsewhere than on a GPU,
-            Pallas' interpreter runs them (slow: for tests).
-  "auto"    `choose_depthwise`: "pallas" on a GPU for 16-bit maps it tiles, "xla" elsewhere.
+            on an H100 a cold shunted_s train-step compile took 65-100 s with them and 133 s
+            with cuDNN's depthwise algorithms, of which autotuning picked, on one machine of
+            session 4, one that took 45 ms of a 98 ms step (BENCHMARKS.md, sessions 4 and 5).
+            Elsewhere than on a GPU, Pallas' interpreter runs them (slow: for tests). They use
+            Pallas' Triton backend, which jax 0.11 deprecates in favour of Mosaic GPU (it warns).
+  "auto"    `choose_depthwise`: "pallas" on one GPU for 16-bit maps it tiles, "xla" elsewhere.
+            On several devices XLA's convolution stays: a Pallas call has no sharding rule, so
+            XLA would gather a batch-sharded map onto every device.
 """
 import functools
 from typing import Any
@@ -34,13 +37,15 @@ def _channel_block(channels: int):
     return next((b for b in _CHANNEL_BLOCKS if channels % b == 0), None)
 
 
-def choose_depthwise(implementation: str, channels: int, dtype, backend: str) -> str:
-    """Resolves "auto" (float32 and float64 stay on XLA's exact convolution) and checks the choice."""
+def choose_depthwise(implementation: str, channels: int, dtype, backend: str, devices: int = 1) -> str:
+    """Resolves "auto" (float32 and float64 stay on XLA's exact convolution, as does any program
+    over several devices) and checks the choice."""
     if implementation not in DEPTHWISE_IMPLS:
         raise ValueError(f"Unknown depthwise implementation {implementation!r}; choose one of {DEPTHWISE_IMPLS}.")
     tiled = _channel_block(channels) is not None
     if implementation == "auto":
-        return "pallas" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 and tiled else "xla"
+        fits = backend == "gpu" and devices == 1 and jnp.dtype(dtype).itemsize == 2 and tiled
+        return "pallas" if fits else "xla"
     if implementation == "pallas" and not tiled:
         raise ValueError(f"depthwise_impl='pallas' needs a multiple of {min(_CHANNEL_BLOCKS)} channels, this map has "
                          f"{channels}: use depthwise_impl='xla' or 'auto'.")
@@ -71,6 +76,12 @@ def _load_shifted(ref, batch, row, row_ok, columns, dx, width, lanes, acc):
     return jnp.where(ok[:, None], x.astype(acc), 0)
 
 
+def _shifted_taps(ref, batch, row, columns, height, width, lanes, acc):
+    """The 9 rows of `ref` around `row`, shifted by (dy, dx) in row-major order."""
+    return [_load_shifted(ref, batch, r, ok, columns, dx, width, lanes, acc)
+            for r, ok in _tap_rows(row, height) for dx in (-1, 0, 1)]
+
+
 class _Row:
     """Where a Pallas program works: one row of one image, one block of channels."""
 
@@ -81,17 +92,12 @@ class _Row:
         self.height, self.width = height, width
         self.acc = _accumulator(ref.dtype)
 
-    def taps(self, ref):
-        """The 9 rows of `ref` around this row, shifted by (dy, dx) in row-major order."""
-        return [_load_shifted(ref, self.batch, r, ok, self.columns, dx, self.width, self.lanes, self.acc)
-                for r, ok in _tap_rows(self.row, self.height) for dx in (-1, 0, 1)]
-
-    def stencil(self, ref, w_ref, reverse=False):
-        """Sum over taps k of the shifted rows times w[k] (w[8 - k] with `reverse`)."""
-        terms = self.taps(ref)
+    def stencil(self, ref, w_ref):
+        """The sum over taps k of the shifted rows of `ref` times w[k], and the unshifted row."""
+        terms = _shifted_taps(ref, self.batch, self.row, self.columns, self.height, self.width, self.lanes, self.acc)
         acc = jnp.zeros(terms[0].shape, self.acc)
         for k, x in enumerate(terms):
-            acc += x * w_ref[8 - k if reverse else k, self.lanes].astype(self.acc)[None, :]
+            acc += x * w_ref[k, self.lanes].astype(self.acc)[None, :]
         return acc, terms[4]
 
     def store(self, o_ref, value):
@@ -139,8 +145,7 @@ def _weight_grad_kernel(x_ref, g_ref, o_ref, *, height, width, block_w, block_c)
 
     def add_row(row, sums):
         g = _load_shifted(g_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
-        taps = [_load_shifted(x_ref, batch, r, ok, columns, dx, width, lanes, acc_dtype)
-                for r, ok in _tap_rows(row, height) for dx in (-1, 0, 1)]
+        taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
         return tuple(s + g * x for s, x in zip(sums, taps + [1]))
 
     zeros = jnp.zeros((block_w, block_c), acc_dtype)
@@ -178,7 +183,7 @@ def _pallas_conv(x, taps, bias, residual, interpret, apply_gelu=False, keep_prea
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def pallas_depthwise(x, taps, bias, residual=False, apply_gelu=False, interpret=False):
+def _pallas_depthwise(x, taps, bias, residual=False, apply_gelu=False, interpret=False):
     """z = depthwise3x3(x) + bias (+ x with `residual`), or GELU(z) with `apply_gelu`; taps (9, C)
     in row-major (dy, dx) order.
 
@@ -191,22 +196,22 @@ def pallas_depthwise(x, taps, bias, residual=False, apply_gelu=False, interpret=
 
 def _forward(x, taps, bias, residual, apply_gelu, interpret):
     if not apply_gelu:
-        return _pallas_conv(x, taps, bias, residual, interpret), (x, taps, None)
+        return _pallas_conv(x, taps, bias, residual, interpret), (x, taps, bias, None)
     y, z = _pallas_conv(x, taps, bias, residual, interpret, apply_gelu, keep_preactivation=True)
-    return y, (x, taps, z)
+    return y, (x, taps, bias, z)
 
 
 def _backward(residual, apply_gelu, interpret, saved, g):
-    x, taps, z = saved
+    x, taps, bias, z = saved
     if apply_gelu:
         _, gelu_vjp = jax.vjp(gelu, z.astype(_accumulator(z.dtype)))
         g = gelu_vjp(g.astype(_accumulator(g.dtype)))[0].astype(g.dtype)
     dx = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, interpret)
     sums = _pallas_weight_grad(x, g, interpret)
-    return dx, sums[:9].astype(taps.dtype), sums[9].astype(taps.dtype)
+    return dx, sums[:9].astype(taps.dtype), sums[9].astype(bias.dtype)
 
 
-pallas_depthwise.defvjp(_forward, _backward)
+_pallas_depthwise.defvjp(_forward, _backward)
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -222,13 +227,16 @@ class DepthwiseConv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if x.ndim != 4 or x.shape[-1] != self.features:
+            raise ValueError(f"DepthwiseConv3x3({self.features}) takes an NHWC map with {self.features} channels, "
+                             f"got shape {x.shape}.")
         kernel = self.param("kernel", conv_kernel_init(self.features), (3, 3, 1, self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         backend = jax.default_backend()
-        if choose_depthwise(self.implementation, self.features, x.dtype, backend) == "pallas":
+        if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
             interpret = backend != "gpu"
-            return pallas_depthwise(x, kernel.reshape(9, self.features), bias, self.residual, self.apply_gelu,
+            return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, self.residual, self.apply_gelu,
                                     interpret)
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
