@@ -11,27 +11,32 @@ from shunted_jax.models.depthwise import DepthwiseConv3x3, choose_depthwise
 from shunted_jax.models.flops import count_macs
 
 
-def value_and_grads(module, variables, x, cotangent):
-    loss = lambda v, x: jnp.sum(module.apply(v, x) * cotangent)  # noqa: E731
-    return module.apply(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
+def value_and_grads(module, variables, x, cotangent, input_bias=None):
+    """The output, and the gradients w.r.t. the variables, x and (if given) input_bias."""
+    loss = lambda v, *a: jnp.sum(module.apply(v, *a) * cotangent)  # noqa: E731
+    args = (x,) if input_bias is None else (x, input_bias)
+    return module.apply(variables, *args), jax.grad(loss, argnums=tuple(range(len(args) + 1)))(variables, *args)
 
 
-@pytest.mark.parametrize("shape, residual, apply_gelu", [
-    ((2, 7, 7, 64), False, False),  # the stage-4 grid, one 64-channel block
-    ((2, 6, 10, 96), True, False),  # H != W, a width that is no power of two, 32-channel blocks
-    ((1, 5, 3, 32), True, True),    # the FFN: GELU(u + DWConv(u))
-    ((2, 4, 6, 64), False, True),   # PVTv2's FFN: GELU(DWConv(u))
+@pytest.mark.parametrize("shape, residual, apply_gelu, input_bias", [
+    ((2, 7, 7, 64), False, False, False),  # the stage-4 grid, one 64-channel block
+    ((2, 6, 10, 96), True, False, True),   # H != W, a width that is no power of two, 32-channel blocks,
+                                           # the producer's bias in the edge table
+    ((1, 5, 3, 32), True, True, True),     # the FFN: GELU(u + DWConv(u)), u = fc1's product + its bias
+    ((2, 4, 6, 64), False, True, True),    # PVTv2's FFN: GELU(DWConv(u))
+    ((1, 1, 1, 32), True, True, True),     # a 1x1 map: every neighbour in the padding
 ])
-def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_gelu):
+def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_gelu, input_bias):
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         x, cotangent = (jnp.asarray(rng.standard_normal(shape)) for _ in range(2))
+        b = jnp.asarray(rng.standard_normal(shape[-1])) if input_bias else None
         xla, pallas = (DepthwiseConv3x3(shape[-1], impl, residual, apply_gelu, dtype=jnp.float64,
                                         param_dtype=jnp.float64) for impl in ("xla", "pallas"))
         variables = xla.init(jax.random.key(0), x)
         variables = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape)), variables)  # a bias
-        want, want_grads = value_and_grads(xla, variables, x, cotangent)
-        got, got_grads = value_and_grads(pallas, variables, x, cotangent)
+        want, want_grads = value_and_grads(xla, variables, x, cotangent, b)
+        got, got_grads = value_and_grads(pallas, variables, x, cotangent, b)
         assert got.dtype == jnp.float64
         # The fused GELU uses an erfc fit (relative error 1.1e-7 in float64); the rest is exact.
         np.testing.assert_allclose(got, want, rtol=2e-7 if apply_gelu else 0, atol=1e-12)
@@ -44,12 +49,13 @@ def test_pallas_kernels_in_bfloat16_stay_close_to_float32():
     XLA's convolution in float32 on the same (bfloat16-rounded) numbers."""
     shape = (2, 9, 9, 64)
     x, cotangent = (jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i in (1, 2))
+    input_bias = jax.random.normal(jax.random.key(3), shape[-1:]).astype(jnp.bfloat16)
     xla = DepthwiseConv3x3(64, "xla", True, True)
     pallas = DepthwiseConv3x3(64, "pallas", True, True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), xla.init(jax.random.key(0), x))
     as_float32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
-    want, want_grads = value_and_grads(xla, *as_float32((variables, x, cotangent)))
-    got, got_grads = value_and_grads(pallas, variables, x, cotangent)
+    want, want_grads = value_and_grads(xla, *as_float32((variables, x, cotangent, input_bias)))
+    got, got_grads = value_and_grads(pallas, variables, x, cotangent, input_bias)
     assert got.dtype == jnp.bfloat16
     for g, w in zip(jax.tree.leaves(as_float32((got, got_grads))), jax.tree.leaves((want, want_grads))):
         assert np.abs(g - w).max() <= 0.01 * np.abs(w).max()

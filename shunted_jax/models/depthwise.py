@@ -2,11 +2,13 @@
 
 Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
   "xla"     lax.conv_general_dilated, i.e. cuDNN on a GPU. The exact path, and the model default.
-  "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU fused in) and the
-            backward pass, for maps with a multiple of 32 channels. They need no autotuning:
-            on an H100 a cold shunted_s train-step compile took 65-100 s with them and 133 s
-            with cuDNN's depthwise algorithms, of which autotuning picked, on one machine of
-            session 4, one that took 45 ms of a 98 ms step (BENCHMARKS.md, sessions 4 and 5).
+  "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU, and fc1's bias
+            when inferring, fused in) and the backward pass, for maps with a multiple of 32
+            channels. They need no autotuning: on an H100 a cold shunted_s train-step compile
+            took 65-100 s with them and 133 s with cuDNN's depthwise algorithms, of which
+            autotuning picked, on one machine of session 4, one that took 45 ms of a 98 ms step.
+            The kernels are bound by instructions more than by memory, hence masked loads and
+            approximate PTX instructions inside the GELU (BENCHMARKS.md, sessions 4 to 6).
             Elsewhere than on a GPU, Pallas' interpreter runs them (slow: for tests). They use
             Pallas' Triton backend, which jax 0.11 deprecates in favour of Mosaic GPU (it warns).
   "auto"    `choose_depthwise`: "pallas" on one GPU for 16-bit maps it tiles, "xla" elsewhere.
@@ -19,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -66,14 +69,16 @@ def _tap_rows(row, height):
 def _load_shifted(ref, batch, row, row_ok, columns, dx, width, lanes, acc):
     """Input row `row` shifted by dx along W: (len(columns), len(lanes)) in `acc`, zero outside.
 
-    Rows and channels are both index arrays, clipped into the map, and the outside is zeroed
-    afterwards: no load leaves the array, and Pallas' interpreter (which does not mix index
-    arrays with slices) runs the same kernel.
+    Rows and channels are both index arrays, clipped into the map, and the load is masked
+    outside it: no load leaves the array, and Pallas' interpreter (which does not mix index
+    arrays with slices) runs the same kernel. (Masking the load rather than zeroing the values
+    after it made the kernels 7-19% faster on an H100.)
     """
     col = columns + dx
     ok = row_ok & (col >= 0) & (col < width)
-    x = ref[batch, row, jnp.clip(col, 0, width - 1)[:, None], lanes[None, :]]
-    return jnp.where(ok[:, None], x.astype(acc), 0)
+    mask = jnp.broadcast_to(ok[:, None], (len(columns), len(lanes)))
+    return plt.load(ref.at[batch, row, jnp.clip(col, 0, width - 1)[:, None], lanes[None, :]], mask=mask,
+                    other=0).astype(acc)
 
 
 def _shifted_taps(ref, batch, row, columns, height, width, lanes, acc):
@@ -100,6 +105,16 @@ class _Row:
             acc += x * w_ref[k, self.lanes].astype(self.acc)[None, :]
         return acc, terms[4]
 
+    def bias(self, b_ref):
+        """The bias row: b_ref[c], or from an edge table (`_edge_table`) the entry for this row's
+        and each column's neighbours in the map."""
+        if len(b_ref.shape) == 1:
+            return b_ref[self.lanes].astype(self.acc)[None, :]
+        above, below = (self.row > 0).astype(jnp.int32), (self.row < self.height - 1).astype(jnp.int32)
+        entry = lambda left, right: b_ref[above, below, left, right, self.lanes].astype(self.acc)[None, :]  # noqa: E731
+        left, right = (self.columns > 0)[:, None], (self.columns < self.width - 1)[:, None]
+        return jnp.where(left, jnp.where(right, entry(1, 1), entry(1, 0)), jnp.where(right, entry(0, 1), entry(0, 0)))
+
     def store(self, o_ref, value):
         plt.store(o_ref.at[self.batch, self.row, self.columns[:, None], self.lanes[None, :]], value.astype(o_ref.dtype),
                   mask=(self.columns < self.width)[:, None])
@@ -111,27 +126,41 @@ _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.
                 1.48851587, -0.82215223, 0.17087277)
 
 
-def _gelu(z):
+def _approximate(instruction: str, x):
+    """One PTX approximate float32 instruction (rcp.approx, ex2.approx: ~2 ulp) per element."""
+    return plt.elementwise_inline_asm(f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _gelu(z, fast_math: bool):
     """Exact-form GELU z * Phi(z) through the erfc fit: relative error below 3e-5 in float32 (and
-    1.1e-7 in float64) everywhere, where a bfloat16 output rounds at 4e-3."""
+    1.1e-7 in float64) everywhere, where a bfloat16 output rounds at 4e-3.
+
+    With `fast_math` (float32 on the GPU) the fit's reciprocal and exponential are PTX's
+    approximate instructions instead of IEEE division and libdevice's expf: the GELU was 40%
+    of the forward kernel's time, and this made the kernel 9-14% faster on an H100.
+    """
+    fast_math = fast_math and z.dtype == jnp.float32
     a = jnp.abs(z) * (0.5 ** 0.5)
-    t = 1.0 / (1.0 + 0.5 * a)
+    t = _approximate("rcp", 1.0 + 0.5 * a) if fast_math else 1.0 / (1.0 + 0.5 * a)
     poly = _ERFC_COEFFS[-1]
     for c in _ERFC_COEFFS[-2::-1]:
         poly = poly * t + c
-    tail = 0.5 * t * jnp.exp(poly - a * a)  # Phi(-|z|)
+    exponent = poly - a * a
+    tail = 0.5 * t * (_approximate("ex2", exponent * np.log2(np.e)) if fast_math else jnp.exp(exponent))  # Phi(-|z|)
     return z * jnp.where(z >= 0, 1.0 - tail, tail)
 
 
-def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, **tiling):
-    """z = sum of the 9 shifted input rows times their taps, plus the bias (and the input);
-    writes GELU(z) with `apply_gelu`, and z too when a second output is asked for."""
+def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math, **tiling):
+    """z = sum of the 9 shifted input rows times their taps, plus the bias (a vector or an edge
+    table) and, with `residual`, the input; writes GELU(z) with `apply_gelu`, and z too when a
+    second output is asked for."""
     here = _Row(x_ref, **tiling)
     z, center = here.stencil(x_ref, w_ref)
-    z += b_ref[here.lanes].astype(here.acc)[None, :]
+    z += here.bias(b_ref)
     if residual:
         z += center
-    here.store(out_refs[0], _gelu(z) if apply_gelu else z)
+    here.store(out_refs[0], _gelu(z, fast_math) if apply_gelu else z)
     if len(out_refs) == 2:
         here.store(out_refs[1], z)
 
@@ -176,39 +205,61 @@ def _pallas_weight_grad(x, g, interpret):
 
 def _pallas_conv(x, taps, bias, residual, interpret, apply_gelu=False, keep_preactivation=False):
     tiling, grid = _tiling(x)
-    kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, **tiling)
+    kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=not interpret,
+                               **tiling)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return pl.pallas_call(kernel, out_shape=(out, out) if keep_preactivation else out, grid=grid,
                           interpret=interpret)(x, taps, bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _pallas_depthwise(x, taps, bias, residual=False, apply_gelu=False, interpret=False):
-    """z = depthwise3x3(x) + bias (+ x with `residual`), or GELU(z) with `apply_gelu`; taps (9, C)
-    in row-major (dy, dx) order.
+def _edge_table(taps, bias, input_bias, residual):
+    """(2, 2, 2, 2, C) bias table for an input whose own bias `input_bias` is still to be added.
 
-    Differentiated, the forward kernel also writes z. The backward takes GELU's derivative at
-    z (in XLA); the gradient w.r.t. x is then the same convolution with the taps reversed, and
-    one reduction kernel gives the tap and bias gradients.
+    DWConv(v + b) + bias (+ v + b) = DWConv(v) + bias (+ v) + [b * (the taps that see the map)
+    (+ b)]. The bracket depends on the pixel only through whether its neighbours above, below,
+    left and right are in the map (index 1) or in the zero padding (index 0), so the kernel adds
+    table[above, below, left, right] and the producer (fc1) skips its bias-add pass over the
+    hidden map.
     """
+    acc = _accumulator(taps.dtype)
+    w, b = taps.reshape(3, 3, -1).astype(acc), input_bias.astype(acc)
+    seen = np.array([[[before, 1, after] for after in (0, 1)] for before in (0, 1)], np.float64)  # (2, 2, 3)
+    table = bias.astype(acc) + b * jnp.einsum("abi,lrj,ijc->ablrc", seen, seen, w)
+    return table + b if residual else table
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _pallas_depthwise(x, taps, bias, input_bias=None, residual=False, apply_gelu=False, interpret=False):
+    """z = depthwise3x3(u) + bias (+ u with `residual`), or GELU(z) with `apply_gelu`, where
+    u = x + input_bias (or x); taps (9, C) in row-major (dy, dx) order.
+
+    Undifferentiated, `input_bias` goes into the kernel's bias (`_edge_table`). Differentiated,
+    XLA adds it (u is kept for the tap gradients) and the forward kernel also writes z. The
+    backward takes GELU's derivative at z (in XLA); the gradient w.r.t. u is then the same
+    convolution with the taps reversed, and one reduction kernel gives the tap and bias gradients.
+    """
+    if input_bias is not None:
+        bias = _edge_table(taps, bias, input_bias, residual)
     return _pallas_conv(x, taps, bias, residual, interpret, apply_gelu)
 
 
-def _forward(x, taps, bias, residual, apply_gelu, interpret):
+def _forward(x, taps, bias, input_bias, residual, apply_gelu, interpret):
+    u = x if input_bias is None else x + input_bias
     if not apply_gelu:
-        return _pallas_conv(x, taps, bias, residual, interpret), (x, taps, bias, None)
-    y, z = _pallas_conv(x, taps, bias, residual, interpret, apply_gelu, keep_preactivation=True)
-    return y, (x, taps, bias, z)
+        return _pallas_conv(u, taps, bias, residual, interpret), (u, taps, bias, None, input_bias)
+    y, z = _pallas_conv(u, taps, bias, residual, interpret, apply_gelu, keep_preactivation=True)
+    return y, (u, taps, bias, z, input_bias)
 
 
 def _backward(residual, apply_gelu, interpret, saved, g):
-    x, taps, bias, z = saved
+    u, taps, bias, z, input_bias = saved
     if apply_gelu:
         _, gelu_vjp = jax.vjp(gelu, z.astype(_accumulator(z.dtype)))
         g = gelu_vjp(g.astype(_accumulator(g.dtype)))[0].astype(g.dtype)
-    dx = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, interpret)
-    sums = _pallas_weight_grad(x, g, interpret)
-    return dx, sums[:9].astype(taps.dtype), sums[9].astype(bias.dtype)
+    du = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, interpret)
+    sums = _pallas_weight_grad(u, g, interpret)
+    d_input_bias = None if input_bias is None else jnp.sum(du, (0, 1, 2), _accumulator(du.dtype)).astype(input_bias.dtype)
+    return du, sums[:9].astype(taps.dtype), sums[9].astype(bias.dtype), d_input_bias
 
 
 _pallas_depthwise.defvjp(_forward, _backward)
@@ -217,7 +268,9 @@ _pallas_depthwise.defvjp(_forward, _backward)
 class DepthwiseConv3x3(nn.Module):
     """nn.Conv(features, 3x3, padding 1, groups=features) with a choice of implementation.
     `residual` adds the input to the output (Shunted's FFN computes u + DWConv(u)), and
-    `apply_gelu` applies the exact GELU after that (fused into the Pallas kernel)."""
+    `apply_gelu` applies the exact GELU after that (fused into the Pallas kernel). Called with
+    `input_bias`, the input is x + input_bias (the producer's bias, which the Pallas kernel adds
+    itself; nn.Dense would spend a pass over the map on it)."""
     features: int
     implementation: str = "xla"
     residual: bool = False
@@ -226,18 +279,22 @@ class DepthwiseConv3x3(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, input_bias=None):
         if x.ndim != 4 or x.shape[-1] != self.features:
             raise ValueError(f"DepthwiseConv3x3({self.features}) takes an NHWC map with {self.features} channels, "
                              f"got shape {x.shape}.")
         kernel = self.param("kernel", conv_kernel_init(self.features), (3, 3, 1, self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if input_bias is not None:
+            input_bias = jnp.asarray(input_bias, x.dtype)
         backend = jax.default_backend()
         if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
             interpret = backend != "gpu"
-            return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, self.residual, self.apply_gelu,
-                                    interpret)
+            return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, input_bias, self.residual,
+                                     self.apply_gelu, interpret)
+        if input_bias is not None:
+            x = x + input_bias
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
         y = y + bias

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from shunted_jax.models.depthwise import DepthwiseConv3x3
-from shunted_jax.models.layers import dense, gelu
+from shunted_jax.models.layers import DenseWithDeferredBias, dense, gelu
 
 Dtype = Any
 
@@ -31,12 +31,16 @@ class FeedForward(nn.Module):
         if self.kind not in FFN_KINDS:
             raise ValueError(f"Unknown FFN kind {self.kind!r}; choose one of {FFN_KINDS}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        u = dense(self.hidden_dim, name="fc1", **kw)(x)
-        if self.kind == "pvt_linear":
-            u = nn.relu(u)
-        if self.kind == "plain":
-            y = gelu(u)
-        else:
+        if self.kind in ("detail", "pvt"):
+            # fc1's bias goes into the depthwise conv, which adds it without a pass of its own
+            u, fc1_bias = DenseWithDeferredBias(self.hidden_dim, name="fc1", **kw)(x)
             y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, residual=self.kind == "detail",
-                                 apply_gelu=True, name="dwconv", **kw)(u)
+                                 apply_gelu=True, name="dwconv", **kw)(u, input_bias=fc1_bias)
+        else:
+            u = dense(self.hidden_dim, name="fc1", **kw)(x)
+            if self.kind == "plain":
+                y = gelu(u)
+            else:
+                y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, apply_gelu=True, name="dwconv",
+                                     **kw)(nn.relu(u))
         return dense(x.shape[-1], name="fc2", **kw)(y)

@@ -71,6 +71,22 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.D
     return nn.Dense(features, kernel_init=dense_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class DenseWithDeferredBias(nn.Module):
+    """nn.Dense's parameters ('kernel', 'bias') and product, with the bias returned instead of
+    added: for a consumer that adds it itself (the Pallas depthwise kernel after fc1)."""
+
+    features: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", dense_kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
+
+
 def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
     # Two-pass variance, as torch computes it: E[x^2] - E[x]^2 loses float32 digits.
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
