@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from test_models import fixture_model_and_variables
 
-from shunted_jax.models.depthwise import DepthwiseConv3x3, choose_depthwise
+from shunted_jax.models.depthwise import DepthwiseConv3x3, _edge_table, choose_depthwise
 from shunted_jax.models.flops import count_macs
 
 
-def value_and_grads(module, variables, x, cotangent, input_bias=None):
-    """The output, and the gradients w.r.t. the variables, x and (if given) input_bias."""
-    loss = lambda v, *a: jnp.sum(module.apply(v, *a) * cotangent)  # noqa: E731
+def outputs_and_grads(module, variables, x, cotangent, input_bias=None):
+    """The output as inferred (undifferentiated), and as trained (differentiated) with the
+    gradients w.r.t. the variables, x and (if given) input_bias for that cotangent."""
     args = (x,) if input_bias is None else (x, input_bias)
-    return module.apply(variables, *args), jax.grad(loss, argnums=tuple(range(len(args) + 1)))(variables, *args)
+    trained, vjp = jax.vjp(lambda v, *a: module.apply(v, *a), variables, *args)
+    return module.apply(variables, *args), trained, vjp(cotangent)
 
 
 @pytest.mark.parametrize("shape, residual, apply_gelu, input_bias", [
@@ -24,7 +25,9 @@ def value_and_grads(module, variables, x, cotangent, input_bias=None):
                                            # the producer's bias in the edge table
     ((1, 5, 3, 32), True, True, True),     # the FFN: GELU(u + DWConv(u)), u = fc1's product + its bias
     ((2, 4, 6, 64), False, True, True),    # PVTv2's FFN: GELU(DWConv(u))
-    ((1, 1, 1, 32), True, True, True),     # a 1x1 map: every neighbour in the padding
+    ((1, 1, 1, 32), True, True, True),     # maps of one pixel, one row and one column: neighbours in
+    ((1, 1, 4, 32), True, False, True),    # the padding on every side, above and below, left and right
+    ((1, 3, 1, 32), False, True, True),
 ])
 def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_gelu, input_bias):
     with jax.enable_x64(True):
@@ -35,13 +38,21 @@ def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_
                                         param_dtype=jnp.float64) for impl in ("xla", "pallas"))
         variables = xla.init(jax.random.key(0), x)
         variables = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape)), variables)  # a bias
-        want, want_grads = value_and_grads(xla, variables, x, cotangent, b)
-        got, got_grads = value_and_grads(pallas, variables, x, cotangent, b)
-        assert got.dtype == jnp.float64
+        want, _, want_grads = outputs_and_grads(xla, variables, x, cotangent, b)
+        inferred, trained, got_grads = outputs_and_grads(pallas, variables, x, cotangent, b)
+        assert inferred.dtype == trained.dtype == jnp.float64
         # The fused GELU uses an erfc fit (relative error 1.1e-7 in float64); the rest is exact.
-        np.testing.assert_allclose(got, want, rtol=2e-7 if apply_gelu else 0, atol=1e-12)
+        for got in (inferred, trained):
+            np.testing.assert_allclose(got, want, rtol=2e-7 if apply_gelu else 0, atol=1e-12)
         for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(g, w, atol=1e-11)
+
+
+def test_edge_table_stays_in_the_accumulator_dtype_under_x64():
+    """A float64 table (or GELU constant) would reach the float32 kernel of a bfloat16 map."""
+    with jax.enable_x64(True):
+        taps, bias = jnp.ones((9, 32), jnp.bfloat16), jnp.ones((32,), jnp.bfloat16)
+        assert _edge_table(taps, bias, bias, residual=True).dtype == jnp.float32
 
 
 def test_pallas_kernels_in_bfloat16_stay_close_to_float32():
@@ -54,10 +65,11 @@ def test_pallas_kernels_in_bfloat16_stay_close_to_float32():
     pallas = DepthwiseConv3x3(64, "pallas", True, True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), xla.init(jax.random.key(0), x))
     as_float32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
-    want, want_grads = value_and_grads(xla, *as_float32((variables, x, cotangent, input_bias)))
-    got, got_grads = value_and_grads(pallas, variables, x, cotangent, input_bias)
-    assert got.dtype == jnp.bfloat16
-    for g, w in zip(jax.tree.leaves(as_float32((got, got_grads))), jax.tree.leaves((want, want_grads))):
+    want, _, want_grads = outputs_and_grads(xla, *as_float32((variables, x, cotangent, input_bias)))
+    inferred, trained, got_grads = outputs_and_grads(pallas, variables, x, cotangent, input_bias)
+    assert inferred.dtype == trained.dtype == jnp.bfloat16
+    got = as_float32((inferred, trained, got_grads))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves((want, want, want_grads))):
         assert np.abs(g - w).max() <= 0.01 * np.abs(w).max()
 
 

@@ -16,12 +16,12 @@ Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
             XLA would gather a batch-sharded map onto every device.
 """
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -58,6 +58,19 @@ def choose_depthwise(implementation: str, channels: int, dtype, backend: str, de
 def _accumulator(dtype):
     """float32 sums for 16-bit maps (as cuDNN); float64 maps keep float64."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+class _Target(NamedTuple):
+    """How the kernels run: through Pallas' interpreter (off the GPU) or compiled, and whether the
+    GELU may use PTX's approximate instructions (a CUDA GPU and float32 accumulators)."""
+    interpret: bool
+    fast_math: bool
+
+
+def _target(dtype) -> _Target:
+    on_gpu = jax.default_backend() == "gpu"
+    cuda = on_gpu and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+    return _Target(interpret=not on_gpu, fast_math=cuda and _accumulator(dtype) == jnp.float32)
 
 
 def _tap_rows(row, height):
@@ -126,6 +139,9 @@ _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.
                 1.48851587, -0.82215223, 0.17087277)
 
 
+_LOG2_E = 1.4426950408889634  # a Python float: weakly typed, so it keeps float32 under x64
+
+
 def _approximate(instruction: str, x):
     """One PTX approximate float32 instruction (rcp.approx, ex2.approx: ~2 ulp) per element."""
     return plt.elementwise_inline_asm(f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
@@ -136,18 +152,17 @@ def _gelu(z, fast_math: bool):
     """Exact-form GELU z * Phi(z) through the erfc fit: relative error below 3e-5 in float32 (and
     1.1e-7 in float64) everywhere, where a bfloat16 output rounds at 4e-3.
 
-    With `fast_math` (float32 on the GPU) the fit's reciprocal and exponential are PTX's
+    With `fast_math` (float32 on a CUDA GPU) the fit's reciprocal and exponential are PTX's
     approximate instructions instead of IEEE division and libdevice's expf: the GELU was 40%
     of the forward kernel's time, and this made the kernel 9-14% faster on an H100.
     """
-    fast_math = fast_math and z.dtype == jnp.float32
     a = jnp.abs(z) * (0.5 ** 0.5)
     t = _approximate("rcp", 1.0 + 0.5 * a) if fast_math else 1.0 / (1.0 + 0.5 * a)
     poly = _ERFC_COEFFS[-1]
     for c in _ERFC_COEFFS[-2::-1]:
         poly = poly * t + c
     exponent = poly - a * a
-    tail = 0.5 * t * (_approximate("ex2", exponent * np.log2(np.e)) if fast_math else jnp.exp(exponent))  # Phi(-|z|)
+    tail = 0.5 * t * (_approximate("ex2", exponent * _LOG2_E) if fast_math else jnp.exp(exponent))  # Phi(-|z|)
     return z * jnp.where(z >= 0, 1.0 - tail, tail)
 
 
@@ -190,7 +205,7 @@ def _tiling(x):
     return tiling, (batch, height, channels // block_c)
 
 
-def _pallas_weight_grad(x, g, interpret):
+def _pallas_weight_grad(x, g, target: _Target):
     """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by XLA.
     32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
     tiling, (batch, _, _) = _tiling(x)
@@ -198,18 +213,19 @@ def _pallas_weight_grad(x, g, interpret):
     channels = x.shape[-1]
     out = jax.ShapeDtypeStruct((batch, 10, channels), _accumulator(x.dtype))
     kernel = functools.partial(_weight_grad_kernel, **tiling)
-    sums = pl.pallas_call(kernel, out_shape=out, grid=(batch, channels // tiling["block_c"]), interpret=interpret,
+    sums = pl.pallas_call(kernel, out_shape=out, grid=(batch, channels // tiling["block_c"]),
+                          interpret=target.interpret,
                           compiler_params=plt.CompilerParams(num_warps=8))(x, g)
     return jnp.sum(sums, axis=0)
 
 
-def _pallas_conv(x, taps, bias, residual, interpret, apply_gelu=False, keep_preactivation=False):
+def _pallas_conv(x, taps, bias, residual, target: _Target, apply_gelu=False, keep_preactivation=False):
     tiling, grid = _tiling(x)
-    kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=not interpret,
+    kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=target.fast_math,
                                **tiling)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return pl.pallas_call(kernel, out_shape=(out, out) if keep_preactivation else out, grid=grid,
-                          interpret=interpret)(x, taps, bias)
+                          interpret=target.interpret)(x, taps, bias)
 
 
 def _edge_table(taps, bias, input_bias, residual):
@@ -223,41 +239,42 @@ def _edge_table(taps, bias, input_bias, residual):
     """
     acc = _accumulator(taps.dtype)
     w, b = taps.reshape(3, 3, -1).astype(acc), input_bias.astype(acc)
-    seen = np.array([[[before, 1, after] for after in (0, 1)] for before in (0, 1)], np.float64)  # (2, 2, 3)
+    seen = jnp.asarray([[[before, 1, after] for after in (0, 1)] for before in (0, 1)], acc)  # (2, 2, 3)
     table = bias.astype(acc) + b * jnp.einsum("abi,lrj,ijc->ablrc", seen, seen, w)
     return table + b if residual else table
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _pallas_depthwise(x, taps, bias, input_bias=None, residual=False, apply_gelu=False, interpret=False):
+def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: _Target):
     """z = depthwise3x3(u) + bias (+ u with `residual`), or GELU(z) with `apply_gelu`, where
     u = x + input_bias (or x); taps (9, C) in row-major (dy, dx) order.
 
-    Undifferentiated, `input_bias` goes into the kernel's bias (`_edge_table`). Differentiated,
-    XLA adds it (u is kept for the tap gradients) and the forward kernel also writes z. The
+    Undifferentiated, `input_bias` goes into the kernel's bias (`_edge_table`, added in the
+    accumulator dtype). Differentiated, XLA adds it in the map's dtype, as nn.Dense would (u is
+    kept for the tap gradients), and the forward kernel also writes z. The
     backward takes GELU's derivative at z (in XLA); the gradient w.r.t. u is then the same
     convolution with the taps reversed, and one reduction kernel gives the tap and bias gradients.
     """
     if input_bias is not None:
         bias = _edge_table(taps, bias, input_bias, residual)
-    return _pallas_conv(x, taps, bias, residual, interpret, apply_gelu)
+    return _pallas_conv(x, taps, bias, residual, target, apply_gelu)
 
 
-def _forward(x, taps, bias, input_bias, residual, apply_gelu, interpret):
+def _forward(x, taps, bias, input_bias, residual, apply_gelu, target):
     u = x if input_bias is None else x + input_bias
     if not apply_gelu:
-        return _pallas_conv(u, taps, bias, residual, interpret), (u, taps, bias, None, input_bias)
-    y, z = _pallas_conv(u, taps, bias, residual, interpret, apply_gelu, keep_preactivation=True)
+        return _pallas_conv(u, taps, bias, residual, target), (u, taps, bias, None, input_bias)
+    y, z = _pallas_conv(u, taps, bias, residual, target, apply_gelu, keep_preactivation=True)
     return y, (u, taps, bias, z, input_bias)
 
 
-def _backward(residual, apply_gelu, interpret, saved, g):
+def _backward(residual, apply_gelu, target, saved, g):
     u, taps, bias, z, input_bias = saved
     if apply_gelu:
         _, gelu_vjp = jax.vjp(gelu, z.astype(_accumulator(z.dtype)))
         g = gelu_vjp(g.astype(_accumulator(g.dtype)))[0].astype(g.dtype)
-    du = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, interpret)
-    sums = _pallas_weight_grad(u, g, interpret)
+    du = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, target)
+    sums = _pallas_weight_grad(u, g, target)
     d_input_bias = None if input_bias is None else jnp.sum(du, (0, 1, 2), _accumulator(du.dtype)).astype(input_bias.dtype)
     return du, sums[:9].astype(taps.dtype), sums[9].astype(bias.dtype), d_input_bias
 
@@ -288,11 +305,11 @@ class DepthwiseConv3x3(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if input_bias is not None:
             input_bias = jnp.asarray(input_bias, x.dtype)
-        backend = jax.default_backend()
-        if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
-            interpret = backend != "gpu"
+        implementation = choose_depthwise(self.implementation, self.features, x.dtype, jax.default_backend(),
+                                          jax.device_count())
+        if implementation == "pallas":
             return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, input_bias, self.residual,
-                                     self.apply_gelu, interpret)
+                                     self.apply_gelu, _target(x.dtype))
         if input_bias is not None:
             x = x + input_bias
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),

@@ -82,7 +82,7 @@ class DenseWithDeferredBias(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", dense_kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
 
