@@ -67,8 +67,8 @@ class _Target(NamedTuple):
     fast_math: bool
 
 
-def _target(dtype) -> _Target:
-    on_gpu = jax.default_backend() == "gpu"
+def _target(dtype, backend: str) -> _Target:
+    on_gpu = backend == "gpu"
     cuda = on_gpu and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
     return _Target(interpret=not on_gpu, fast_math=cuda and _accumulator(dtype) == jnp.float32)
 
@@ -251,9 +251,9 @@ def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: boo
 
     Undifferentiated, `input_bias` goes into the kernel's bias (`_edge_table`, added in the
     accumulator dtype). Differentiated, XLA adds it in the map's dtype, as nn.Dense would (u is
-    kept for the tap gradients), and the forward kernel also writes z. The
-    backward takes GELU's derivative at z (in XLA); the gradient w.r.t. u is then the same
-    convolution with the taps reversed, and one reduction kernel gives the tap and bias gradients.
+    kept for the tap gradients), and the forward kernel also writes z. The backward takes GELU's
+    derivative at z (in XLA); the gradient w.r.t. u is then the same convolution with the taps
+    reversed, and one reduction kernel gives the tap and bias gradients.
     """
     if input_bias is not None:
         bias = _edge_table(taps, bias, input_bias, residual)
@@ -305,11 +305,10 @@ class DepthwiseConv3x3(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if input_bias is not None:
             input_bias = jnp.asarray(input_bias, x.dtype)
-        implementation = choose_depthwise(self.implementation, self.features, x.dtype, jax.default_backend(),
-                                          jax.device_count())
-        if implementation == "pallas":
+        backend = jax.default_backend()
+        if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
             return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, input_bias, self.residual,
-                                     self.apply_gelu, _target(x.dtype))
+                                     self.apply_gelu, _target(x.dtype, backend))
         if input_bias is not None:
             x = x + input_bias
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
