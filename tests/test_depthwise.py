@@ -41,11 +41,12 @@ def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_
         want, _, want_grads = outputs_and_grads(xla, variables, x, cotangent, b)
         inferred, trained, got_grads = outputs_and_grads(pallas, variables, x, cotangent, b)
         assert inferred.dtype == trained.dtype == jnp.float64
-        # The fused GELU uses an erfc fit (relative error 1.1e-7 in float64); the rest is exact.
+        # The fused GELU and its slope use an erfc fit (relative error 1.1e-7 in float64); the
+        # rest is exact.
         for got in (inferred, trained):
             np.testing.assert_allclose(got, want, rtol=2e-7 if apply_gelu else 0, atol=1e-12)
         for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-            np.testing.assert_allclose(g, w, atol=1e-11)
+            np.testing.assert_allclose(g, w, atol=(2e-7 * np.abs(w).max() if apply_gelu else 0) + 1e-11)
 
 
 def test_edge_table_stays_in_the_accumulator_dtype_under_x64():

@@ -2,13 +2,14 @@
 
 Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
   "xla"     lax.conv_general_dilated, i.e. cuDNN on a GPU. The exact path, and the model default.
-  "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU, and fc1's bias
-            when inferring, fused in) and the backward pass, for maps with a multiple of 32
-            channels. They need no autotuning: on an H100 a cold shunted_s train-step compile
-            took 65-100 s with them and 133 s with cuDNN's depthwise algorithms, of which
-            autotuning picked, on one machine of session 4, one that took 45 ms of a 98 ms step.
-            The kernels are bound by instructions more than by memory, hence masked loads and
-            approximate PTX instructions inside the GELU (BENCHMARKS.md, sessions 4 to 6).
+  "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU and fc1's bias
+            fused in) and the backward pass (with GELU's derivative fused in), for maps with a
+            multiple of 32 channels. They need no autotuning: on an H100 a cold shunted_s
+            train-step compile took 65-100 s with them and 133 s with cuDNN's depthwise
+            algorithms, of which autotuning picked, on one machine of session 4, one that took
+            45 ms of a 98 ms step. The kernels are bound by instructions more than by memory,
+            hence masked loads and approximate PTX instructions inside the GELU (BENCHMARKS.md,
+            sessions 4 to 7).
             Elsewhere than on a GPU, Pallas' interpreter runs them (slow: for tests). They use
             Pallas' Triton backend, which jax 0.11 deprecates in favour of Mosaic GPU (it warns).
   "auto"    `choose_depthwise`: "pallas" on one GPU for 16-bit maps it tiles, "xla" elsewhere.
@@ -129,8 +130,12 @@ class _Row:
         return jnp.where(left, jnp.where(right, entry(1, 1), entry(1, 0)), jnp.where(right, entry(0, 1), entry(0, 0)))
 
     def store(self, o_ref, value):
-        plt.store(o_ref.at[self.batch, self.row, self.columns[:, None], self.lanes[None, :]], value.astype(o_ref.dtype),
-                  mask=(self.columns < self.width)[:, None])
+        _store_row(o_ref, self.batch, self.row, self.columns, self.width, self.lanes, value)
+
+
+def _store_row(ref, batch, row, columns, width, lanes, value):
+    plt.store(ref.at[batch, row, columns[:, None], lanes[None, :]], value.astype(ref.dtype),
+              mask=(columns < width)[:, None])
 
 
 # Chebyshev fit of erfc(a) = t exp(-a^2 + P(t)), t = 1 / (1 + a / 2), a >= 0, with a relative
@@ -148,9 +153,13 @@ def _approximate(instruction: str, x):
                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
-def _gelu(z, fast_math: bool):
-    """Exact-form GELU z * Phi(z) through the erfc fit: relative error below 3e-5 in float32 (and
-    1.1e-7 in float64) everywhere, where a bfloat16 output rounds at 4e-3.
+def _exp(x, fast_math: bool):
+    return _approximate("ex2", x * _LOG2_E) if fast_math else jnp.exp(x)
+
+
+def _normal_cdf(z, fast_math: bool):
+    """Phi(z) through the erfc fit: relative error below 3e-5 in float32 (and 1.1e-7 in float64)
+    everywhere, where a bfloat16 output rounds at 4e-3.
 
     With `fast_math` (float32 on a CUDA GPU) the fit's reciprocal and exponential are PTX's
     approximate instructions instead of IEEE division and libdevice's expf: the GELU was 40%
@@ -161,34 +170,51 @@ def _gelu(z, fast_math: bool):
     poly = _ERFC_COEFFS[-1]
     for c in _ERFC_COEFFS[-2::-1]:
         poly = poly * t + c
-    exponent = poly - a * a
-    tail = 0.5 * t * (_approximate("ex2", exponent * _LOG2_E) if fast_math else jnp.exp(exponent))  # Phi(-|z|)
-    return z * jnp.where(z >= 0, 1.0 - tail, tail)
+    tail = 0.5 * t * _exp(poly - a * a, fast_math)  # Phi(-|z|)
+    return jnp.where(z >= 0, 1.0 - tail, tail)
+
+
+_INV_SQRT_2PI = 0.3989422804014327
 
 
 def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math, **tiling):
     """z = sum of the 9 shifted input rows times their taps, plus the bias (a vector or an edge
-    table) and, with `residual`, the input; writes GELU(z) with `apply_gelu`, and z too when a
-    second output is asked for."""
+    table) and, with `residual`, the input; writes GELU(z) = z Phi(z) with `apply_gelu` (else z),
+    and, when a second output is asked for, GELU's slope Phi(z) + z phi(z) for the backward."""
     here = _Row(x_ref, **tiling)
     z, center = here.stencil(x_ref, w_ref)
     z += here.bias(b_ref)
     if residual:
         z += center
-    here.store(out_refs[0], _gelu(z, fast_math) if apply_gelu else z)
+    if not apply_gelu:
+        here.store(out_refs[0], z)
+        return
+    cdf = _normal_cdf(z, fast_math)
+    here.store(out_refs[0], z * cdf)
     if len(out_refs) == 2:
-        here.store(out_refs[1], z)
+        here.store(out_refs[1], cdf + z * (_INV_SQRT_2PI * _exp(-0.5 * z * z, fast_math)))
 
 
-def _weight_grad_kernel(x_ref, g_ref, o_ref, *, height, width, block_w, block_c):
+def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
     """One image, one block of channels: the sums over the map of g times each of the 9
     shifted inputs and of g alone. Products are summed row by row in (W, C) accumulators and
-    reduced over W once at the end."""
+    reduced over W once at the end. `with_slope`: g is the incoming gradient times GELU's slope
+    (a third input), rounded to the map's dtype and also written out (a second output) for the
+    input gradient's kernel."""
+    if with_slope:
+        x_ref, g_ref, slope_ref, o_ref, dz_ref = refs
+    else:
+        x_ref, g_ref, o_ref = refs
     batch, lanes = pl.program_id(0), pl.program_id(1) * block_c + jnp.arange(block_c)
     acc_dtype, columns = o_ref.dtype, jnp.arange(block_w)
 
     def add_row(row, sums):
         g = _load_shifted(g_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
+        if with_slope:
+            g = g * _load_shifted(slope_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
+            g = g.astype(dz_ref.dtype)
+            _store_row(dz_ref, batch, row, columns, width, lanes, g)
+            g = g.astype(acc_dtype)
         taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
         return tuple(s + g * x for s, x in zip(sums, taps + [1]))
 
@@ -205,26 +231,31 @@ def _tiling(x):
     return tiling, (batch, height, channels // block_c)
 
 
-def _pallas_weight_grad(x, g, target: _Target):
-    """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by XLA.
+def _pallas_weight_grad(x, g, slope, target: _Target):
+    """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by
+    XLA, and the gradient at z (g, or g times GELU's slope when `slope` is given).
     32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
     tiling, (batch, _, _) = _tiling(x)
     tiling["block_c"] = min(_CHANNEL_BLOCKS)
     channels = x.shape[-1]
-    out = jax.ShapeDtypeStruct((batch, 10, channels), _accumulator(x.dtype))
-    kernel = functools.partial(_weight_grad_kernel, **tiling)
-    sums = pl.pallas_call(kernel, out_shape=out, grid=(batch, channels // tiling["block_c"]),
-                          interpret=target.interpret,
-                          compiler_params=plt.CompilerParams(num_warps=8))(x, g)
-    return jnp.sum(sums, axis=0)
+    sums = jax.ShapeDtypeStruct((batch, 10, channels), _accumulator(x.dtype))
+    with_slope = slope is not None
+    kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, **tiling)
+    call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
+                          grid=(batch, channels // tiling["block_c"]), interpret=target.interpret,
+                          compiler_params=plt.CompilerParams(num_warps=8))
+    if not with_slope:
+        return jnp.sum(call(x, g), axis=0), g
+    sums, g = call(x, g, slope)
+    return jnp.sum(sums, axis=0), g
 
 
-def _pallas_conv(x, taps, bias, residual, target: _Target, apply_gelu=False, keep_preactivation=False):
+def _pallas_conv(x, taps, bias, residual, target: _Target, apply_gelu=False, keep_slope=False):
     tiling, grid = _tiling(x)
     kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=target.fast_math,
                                **tiling)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return pl.pallas_call(kernel, out_shape=(out, out) if keep_preactivation else out, grid=grid,
+    return pl.pallas_call(kernel, out_shape=(out, out) if keep_slope else out, grid=grid,
                           interpret=target.interpret)(x, taps, bias)
 
 
@@ -244,39 +275,63 @@ def _edge_table(taps, bias, input_bias, residual):
     return table + b if residual else table
 
 
+def _sums_where_taps_see_the_map(g, total):
+    """(9, C): for each tap (dy, dx), the sum of g over the pixels p whose neighbour p + (dy, dx)
+    is in the map (`total`, the sum over all of them, minus the excluded edge rows and columns).
+    The input bias' share of the tap gradients and its own gradient, without a pass over a map."""
+    acc = total.dtype
+    edge = {-1: 0, 1: -1}
+    rows = {dy: jnp.sum(g[:, i], (0, 1), acc) for dy, i in edge.items()}
+    columns = {dx: jnp.sum(g[:, :, i], (0, 1), acc) for dx, i in edge.items()}
+    sums = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            s = total - rows.get(dy, 0) - columns.get(dx, 0)
+            sums.append(s + jnp.sum(g[:, edge[dy], edge[dx]], 0, acc) if dy and dx else s)
+    return jnp.stack(sums)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: _Target):
     """z = depthwise3x3(u) + bias (+ u with `residual`), or GELU(z) with `apply_gelu`, where
     u = x + input_bias (or x); taps (9, C) in row-major (dy, dx) order.
 
-    Undifferentiated, `input_bias` goes into the kernel's bias (`_edge_table`, added in the
-    accumulator dtype). Differentiated, XLA adds it in the map's dtype, as nn.Dense would (u is
-    kept for the tap gradients), and the forward kernel also writes z. The backward takes GELU's
-    derivative at z (in XLA); the gradient w.r.t. u is then the same convolution with the taps
-    reversed, and one reduction kernel gives the tap and bias gradients.
+    `input_bias` goes into the kernel's bias (`_edge_table`, added in the accumulator dtype), so
+    no pass over the map adds it, trained or not. Differentiated, the forward kernel also writes
+    GELU's slope at z. The backward's first kernel multiplies the incoming gradient by the slope
+    and sums the tap and bias gradients (over x; the input bias' share, and its own gradient,
+    come from `_sums_where_taps_see_the_map`); the gradient w.r.t. u is then the same
+    convolution with the taps reversed.
     """
-    if input_bias is not None:
-        bias = _edge_table(taps, bias, input_bias, residual)
-    return _pallas_conv(x, taps, bias, residual, target, apply_gelu)
+    return _pallas_conv(x, taps, _bias_or_table(taps, bias, input_bias, residual), residual, target, apply_gelu)
+
+
+def _bias_or_table(taps, bias, input_bias, residual):
+    return bias if input_bias is None else _edge_table(taps, bias, input_bias, residual)
 
 
 def _forward(x, taps, bias, input_bias, residual, apply_gelu, target):
-    u = x if input_bias is None else x + input_bias
+    bias_or_table = _bias_or_table(taps, bias, input_bias, residual)
     if not apply_gelu:
-        return _pallas_conv(u, taps, bias, residual, target), (u, taps, bias, None, input_bias)
-    y, z = _pallas_conv(u, taps, bias, residual, target, apply_gelu, keep_preactivation=True)
-    return y, (u, taps, bias, z, input_bias)
+        return _pallas_conv(x, taps, bias_or_table, residual, target), (x, taps, bias, None, input_bias)
+    y, slope = _pallas_conv(x, taps, bias_or_table, residual, target, apply_gelu, keep_slope=True)
+    return y, (x, taps, bias, slope, input_bias)
 
 
 def _backward(residual, apply_gelu, target, saved, g):
-    u, taps, bias, z, input_bias = saved
-    if apply_gelu:
-        _, gelu_vjp = jax.vjp(gelu, z.astype(_accumulator(z.dtype)))
-        g = gelu_vjp(g.astype(_accumulator(g.dtype)))[0].astype(g.dtype)
+    x, taps, bias, slope, input_bias = saved
+    sums, g = _pallas_weight_grad(x, g, slope, target)
     du = _pallas_conv(g, taps[::-1], jnp.zeros(taps.shape[1:], taps.dtype), residual, target)
-    sums = _pallas_weight_grad(u, g, target)
-    d_input_bias = None if input_bias is None else jnp.sum(du, (0, 1, 2), _accumulator(du.dtype)).astype(input_bias.dtype)
-    return du, sums[:9].astype(taps.dtype), sums[9].astype(bias.dtype), d_input_bias
+    d_taps, d_bias = sums[:9], sums[9]
+    d_input_bias = None
+    if input_bias is not None:
+        # u = x + b: b's share of tap k's gradient is b times the sum of g where tap k sees the
+        # map; and sum(du) = sum_k taps[k] * (that sum) (+ sum(g) with the residual).
+        seen = _sums_where_taps_see_the_map(g, d_bias)
+        d_taps = d_taps + input_bias.astype(seen.dtype) * seen
+        d_input = jnp.sum(taps.astype(seen.dtype) * seen, 0)
+        d_input_bias = (d_input + d_bias if residual else d_input).astype(input_bias.dtype)
+    return du, d_taps.astype(taps.dtype), d_bias.astype(bias.dtype), d_input_bias
 
 
 _pallas_depthwise.defvjp(_forward, _backward)
