@@ -17,16 +17,16 @@ Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
             XLA would gather a batch-sharded map onto every device.
 """
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from shunted_jax.models.layers import conv_kernel_init, gelu
+from shunted_jax.models.pallas_common import Target, accumulator, gelu_slope, kernels_fit, normal_cdf, target_for
 
 Dtype = Any
 
@@ -48,30 +48,11 @@ def choose_depthwise(implementation: str, channels: int, dtype, backend: str, de
         raise ValueError(f"Unknown depthwise implementation {implementation!r}; choose one of {DEPTHWISE_IMPLS}.")
     tiled = _channel_block(channels) is not None
     if implementation == "auto":
-        fits = backend == "gpu" and devices == 1 and jnp.dtype(dtype).itemsize == 2 and tiled
-        return "pallas" if fits else "xla"
+        return "pallas" if kernels_fit(dtype, backend, devices) and tiled else "xla"
     if implementation == "pallas" and not tiled:
         raise ValueError(f"depthwise_impl='pallas' needs a multiple of {min(_CHANNEL_BLOCKS)} channels, this map has "
                          f"{channels}: use depthwise_impl='xla' or 'auto'.")
     return implementation
-
-
-def _accumulator(dtype):
-    """float32 sums for 16-bit maps (as cuDNN); float64 maps keep float64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-class _Target(NamedTuple):
-    """How the kernels run: through Pallas' interpreter (off the GPU) or compiled, and whether the
-    GELU may use PTX's approximate instructions (a CUDA GPU and float32 accumulators)."""
-    interpret: bool
-    fast_math: bool
-
-
-def _target(dtype, backend: str) -> _Target:
-    on_gpu = backend == "gpu"
-    cuda = on_gpu and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
-    return _Target(interpret=not on_gpu, fast_math=cuda and _accumulator(dtype) == jnp.float32)
 
 
 def _tap_rows(row, height):
@@ -109,7 +90,7 @@ class _Row:
         self.lanes = pl.program_id(2) * block_c + jnp.arange(block_c)
         self.columns = jnp.arange(block_w)
         self.height, self.width = height, width
-        self.acc = _accumulator(ref.dtype)
+        self.acc = accumulator(ref.dtype)
 
     def stencil(self, ref, w_ref):
         """The sum over taps k of the shifted rows of `ref` times w[k], and the unshifted row."""
@@ -138,45 +119,6 @@ def _store_row(ref, batch, row, columns, width, lanes, value):
               mask=(columns < width)[:, None])
 
 
-# Chebyshev fit of erfc(a) = t exp(-a^2 + P(t)), t = 1 / (1 + a / 2), a >= 0, with a relative
-# error below 1.2e-7 (Numerical Recipes' erfcc): Pallas' Triton lowering has no erf.
-_ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
-                1.48851587, -0.82215223, 0.17087277)
-
-
-_LOG2_E = 1.4426950408889634  # a Python float: weakly typed, so it keeps float32 under x64
-
-
-def _approximate(instruction: str, x):
-    """One PTX approximate float32 instruction (rcp.approx, ex2.approx: ~2 ulp) per element."""
-    return plt.elementwise_inline_asm(f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
-
-
-def _exp(x, fast_math: bool):
-    return _approximate("ex2", x * _LOG2_E) if fast_math else jnp.exp(x)
-
-
-def _normal_cdf(z, fast_math: bool):
-    """Phi(z) through the erfc fit: relative error below 3e-5 in float32 (and 1.1e-7 in float64)
-    everywhere, where a bfloat16 output rounds at 4e-3.
-
-    With `fast_math` (float32 on a CUDA GPU) the fit's reciprocal and exponential are PTX's
-    approximate instructions instead of IEEE division and libdevice's expf: the GELU was 40%
-    of the forward kernel's time, and this made the kernel 9-14% faster on an H100.
-    """
-    a = jnp.abs(z) * (0.5 ** 0.5)
-    t = _approximate("rcp", 1.0 + 0.5 * a) if fast_math else 1.0 / (1.0 + 0.5 * a)
-    poly = _ERFC_COEFFS[-1]
-    for c in _ERFC_COEFFS[-2::-1]:
-        poly = poly * t + c
-    tail = 0.5 * t * _exp(poly - a * a, fast_math)  # Phi(-|z|)
-    return jnp.where(z >= 0, 1.0 - tail, tail)
-
-
-_INV_SQRT_2PI = 0.3989422804014327
-
-
 def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math, **tiling):
     """z = sum of the 9 shifted input rows times their taps, plus the bias (a vector or an edge
     table) and, with `residual`, the input; writes GELU(z) = z Phi(z) with `apply_gelu` (else z),
@@ -189,18 +131,19 @@ def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math
     if not apply_gelu:
         here.store(out_refs[0], z)
         return
-    cdf = _normal_cdf(z, fast_math)
+    cdf = normal_cdf(z, fast_math)
     here.store(out_refs[0], z * cdf)
     if len(out_refs) == 2:
-        here.store(out_refs[1], cdf + z * (_INV_SQRT_2PI * _exp(-0.5 * z * z, fast_math)))
+        here.store(out_refs[1], gelu_slope(z, cdf, fast_math))
 
 
 def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
     """One image, one block of channels: the sums over the map of g times each of the 9
-    shifted inputs and of g alone. Products are summed row by row in (W, C) accumulators and
-    reduced over W once at the end. `with_slope`: g is the incoming gradient times GELU's slope
-    (a third input), rounded to the map's dtype and also written out (a second output) for the
-    input gradient's kernel."""
+    shifted inputs and of g alone, then g's sums over the edges (`_EDGES`). Products are summed
+    row by row in (W, C) accumulators and reduced over W once at the end; the first and last
+    rows are peeled off the loop for their edge sums. `with_slope`: g is the incoming gradient
+    times GELU's slope (a third input), rounded to the map's dtype and also written out (a
+    second output) for the input gradient's kernel."""
     if with_slope:
         x_ref, g_ref, slope_ref, o_ref, dz_ref = refs
     else:
@@ -216,12 +159,21 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
             _store_row(dz_ref, batch, row, columns, width, lanes, g)
             g = g.astype(acc_dtype)
         taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
-        return tuple(s + g * x for s, x in zip(sums, taps + [1]))
+        return tuple(s + g * x for s, x in zip(sums, taps + [1])), g
 
-    zeros = jnp.zeros((block_w, block_c), acc_dtype)
-    sums = jax.lax.fori_loop(0, height, add_row, (zeros,) * 10)
-    for k, s in enumerate(sums):
-        o_ref[batch, k, lanes] = jnp.sum(s, axis=0)
+    sums, first = add_row(0, (jnp.zeros((block_w, block_c), acc_dtype),) * 10)
+    sums = jax.lax.fori_loop(1, height - 1, lambda row, s: add_row(row, s)[0], sums)
+    sums, last = add_row(height - 1, sums) if height > 1 else (sums, first)
+    column = lambda a, col: jnp.sum(jnp.where((columns == col)[:, None], a, 0), axis=0)  # noqa: E731
+    edges = [jnp.sum(first, 0), jnp.sum(last, 0), column(sums[9], 0), column(sums[9], width - 1),
+             column(first, 0), column(first, width - 1), column(last, 0), column(last, width - 1)]
+    for k, s in enumerate([jnp.sum(s, axis=0) for s in sums] + edges):
+        o_ref[batch, k, lanes] = s
+
+
+_EDGES = ("first row", "last row", "first column", "last column",
+          "top left", "top right", "bottom left", "bottom right")
+"""What `_weight_grad_kernel` sums g over after the taps and the bias (rows 10 to 17 of its output)."""
 
 
 def _tiling(x):
@@ -231,14 +183,14 @@ def _tiling(x):
     return tiling, (batch, height, channels // block_c)
 
 
-def _pallas_weight_grad(x, g, slope, target: _Target):
-    """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by
-    XLA, and the gradient at z (g, or g times GELU's slope when `slope` is given).
-    32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
+def _pallas_weight_grad(x, g, slope, target: Target):
+    """(18, C): the 9 tap gradients, the bias gradient and g's edge sums (`_EDGES`), per image
+    from the kernel, summed by XLA; and the gradient at z (g, or g times GELU's slope when
+    `slope` is given). 32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
     tiling, (batch, _, _) = _tiling(x)
     tiling["block_c"] = min(_CHANNEL_BLOCKS)
     channels = x.shape[-1]
-    sums = jax.ShapeDtypeStruct((batch, 10, channels), _accumulator(x.dtype))
+    sums = jax.ShapeDtypeStruct((batch, 10 + len(_EDGES), channels), accumulator(x.dtype))
     with_slope = slope is not None
     kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, **tiling)
     call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
@@ -250,7 +202,7 @@ def _pallas_weight_grad(x, g, slope, target: _Target):
     return jnp.sum(sums, axis=0), g
 
 
-def _pallas_conv(x, taps, bias, residual, target: _Target, apply_gelu=False, keep_slope=False):
+def _pallas_conv(x, taps, bias, residual, target: Target, apply_gelu=False, keep_slope=False):
     tiling, grid = _tiling(x)
     kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=target.fast_math,
                                **tiling)
@@ -268,31 +220,27 @@ def _edge_table(taps, bias, input_bias, residual):
     table[above, below, left, right] and the producer (fc1) skips its bias-add pass over the
     hidden map.
     """
-    acc = _accumulator(taps.dtype)
+    acc = accumulator(taps.dtype)
     w, b = taps.reshape(3, 3, -1).astype(acc), input_bias.astype(acc)
     seen = jnp.asarray([[[before, 1, after] for after in (0, 1)] for before in (0, 1)], acc)  # (2, 2, 3)
     table = bias.astype(acc) + b * jnp.einsum("abi,lrj,ijc->ablrc", seen, seen, w)
     return table + b if residual else table
 
 
-def _sums_where_taps_see_the_map(g, total):
+def _sums_where_taps_see_the_map(total, edges):
     """(9, C): for each tap (dy, dx), the sum of g over the pixels p whose neighbour p + (dy, dx)
-    is in the map (`total`, the sum over all of them, minus the excluded edge rows and columns).
-    The input bias' share of the tap gradients and its own gradient, without a pass over a map."""
-    acc = total.dtype
-    edge = {-1: 0, 1: -1}
-    rows = {dy: jnp.sum(g[:, i], (0, 1), acc) for dy, i in edge.items()}
-    columns = {dx: jnp.sum(g[:, :, i], (0, 1), acc) for dx, i in edge.items()}
-    sums = []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            s = total - rows.get(dy, 0) - columns.get(dx, 0)
-            sums.append(s + jnp.sum(g[:, edge[dy], edge[dx]], 0, acc) if dy and dx else s)
-    return jnp.stack(sums)
+    is in the map: `total`, the sum over all of them, less the edge rows and columns that the
+    tap sees outside of, plus their corner (`edges` as `_EDGES`). It gives the input bias'
+    share of the tap gradients and its own gradient without a pass over the map."""
+    first_row, last_row, first_column, last_column, *corners = edges
+    rows, columns = {-1: first_row, 1: last_row}, {-1: first_column, 1: last_column}
+    corner = dict(zip([(-1, -1), (-1, 1), (1, -1), (1, 1)], corners))
+    return jnp.stack([total - rows.get(dy, 0) - columns.get(dx, 0) + corner.get((dy, dx), 0)
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: _Target):
+def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: Target):
     """z = depthwise3x3(u) + bias (+ u with `residual`), or GELU(z) with `apply_gelu`, where
     u = x + input_bias (or x); taps (9, C) in row-major (dy, dx) order.
 
@@ -327,7 +275,7 @@ def _backward(residual, apply_gelu, target, saved, g):
     if input_bias is not None:
         # u = x + b: b's share of tap k's gradient is b times the sum of g where tap k sees the
         # map; and sum(du) = sum_k taps[k] * (that sum) (+ sum(g) with the residual).
-        seen = _sums_where_taps_see_the_map(g, d_bias)
+        seen = _sums_where_taps_see_the_map(d_bias, sums[10:])
         d_taps = d_taps + input_bias.astype(seen.dtype) * seen
         d_input = jnp.sum(taps.astype(seen.dtype) * seen, 0)
         d_input_bias = (d_input + d_bias if residual else d_input).astype(input_bias.dtype)
@@ -363,7 +311,7 @@ class DepthwiseConv3x3(nn.Module):
         backend = jax.default_backend()
         if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
             return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, input_bias, self.residual,
-                                     self.apply_gelu, _target(x.dtype, backend))
+                                     self.apply_gelu, target_for(x.dtype, backend))
         if input_bias is not None:
             x = x + input_bias
         y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
