@@ -16,7 +16,6 @@ from shunted_jax.models.layers import (
     TORCH_NORM_EPS,
     conv,
     dense,
-    gelu,
     layer_norm,
 )
 
@@ -126,7 +125,7 @@ class SpatialReductionAttention(nn.Module):
         q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         if self.linear:
             t = conv(dim, 1, name="sr", **kw)(adaptive_avg_pool(x, self.pool_size))
-            t = gelu(layer_norm(TORCH_NORM_EPS, name="norm", **kw)(t))
+            t = layer_norm(TORCH_NORM_EPS, name="norm", apply_gelu=True, **kw)(t)
         elif self.sr_ratio > 1:
             t = conv(dim, self.sr_ratio, stride=self.sr_ratio, name="sr", **kw)(x)
             t = layer_norm(TORCH_NORM_EPS, name="norm", **kw)(t)
@@ -204,7 +203,7 @@ def aggregated_keys_values(x, rate: int, width: int, group: int, depthwise_impl:
     Called inside a compact `__call__`; its layers are named sr{g}, norm{g}, kv{g}, local_conv{g}.
     """
     t = conv(x.shape[-1], rate, stride=rate, name=f"sr{group}", **kw)(x)
-    t = gelu(layer_norm(TORCH_NORM_EPS, name=f"norm{group}", **kw)(t))
+    t = layer_norm(TORCH_NORM_EPS, name=f"norm{group}", apply_gelu=True, **kw)(t)
     kv = dense(2 * width, name=f"kv{group}", **kw)(t)
     k, v = kv[..., :width], kv[..., width:]
     return k, DepthwiseConv3x3(width, depthwise_impl, residual=True, name=f"local_conv{group}", **kw)(v)

@@ -141,15 +141,23 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
     """One image, one block of channels: the sums over the map of g times each of the 9
     shifted inputs and of g alone, then g's sums over the edges (`_EDGES`). Products are summed
     row by row in (W, C) accumulators and reduced over W once at the end; the first and last
-    rows are peeled off the loop for their edge sums. `with_slope`: g is the incoming gradient
-    times GELU's slope (a third input), rounded to the map's dtype and also written out (a
-    second output) for the input gradient's kernel."""
+    rows write their edge sums as the loop passes them. `with_slope`: g is the incoming
+    gradient times GELU's slope (a third input), rounded to the map's dtype and also written
+    out (a second output) for the input gradient's kernel."""
     if with_slope:
         x_ref, g_ref, slope_ref, o_ref, dz_ref = refs
     else:
         x_ref, g_ref, o_ref = refs
     batch, lanes = pl.program_id(0), pl.program_id(1) * block_c + jnp.arange(block_c)
     acc_dtype, columns = o_ref.dtype, jnp.arange(block_w)
+    column = lambda a, col: jnp.sum(jnp.where((columns == col)[:, None], a, 0), axis=0)  # noqa: E731
+
+    def write_edge_sums(g, row, last: bool):
+        @pl.when(row == (height - 1 if last else 0))
+        def _():
+            o_ref[batch, 11 if last else 10, lanes] = jnp.sum(g, 0)
+            o_ref[batch, 16 if last else 14, lanes] = column(g, 0)
+            o_ref[batch, 17 if last else 15, lanes] = column(g, width - 1)
 
     def add_row(row, sums):
         g = _load_shifted(g_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
@@ -158,17 +166,16 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
             g = g.astype(dz_ref.dtype)
             _store_row(dz_ref, batch, row, columns, width, lanes, g)
             g = g.astype(acc_dtype)
+        write_edge_sums(g, row, last=False)
+        write_edge_sums(g, row, last=True)
         taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
-        return tuple(s + g * x for s, x in zip(sums, taps + [1])), g
+        return tuple(s + g * x for s, x in zip(sums, taps + [1]))
 
-    sums, first = add_row(0, (jnp.zeros((block_w, block_c), acc_dtype),) * 10)
-    sums = jax.lax.fori_loop(1, height - 1, lambda row, s: add_row(row, s)[0], sums)
-    sums, last = add_row(height - 1, sums) if height > 1 else (sums, first)
-    column = lambda a, col: jnp.sum(jnp.where((columns == col)[:, None], a, 0), axis=0)  # noqa: E731
-    edges = [jnp.sum(first, 0), jnp.sum(last, 0), column(sums[9], 0), column(sums[9], width - 1),
-             column(first, 0), column(first, width - 1), column(last, 0), column(last, width - 1)]
-    for k, s in enumerate([jnp.sum(s, axis=0) for s in sums] + edges):
-        o_ref[batch, k, lanes] = s
+    sums = jax.lax.fori_loop(0, height, add_row, (jnp.zeros((block_w, block_c), acc_dtype),) * 10)
+    for k, s in enumerate(sums):
+        o_ref[batch, k, lanes] = jnp.sum(s, axis=0)
+    o_ref[batch, 12, lanes] = column(sums[9], 0)
+    o_ref[batch, 13, lanes] = column(sums[9], width - 1)
 
 
 _EDGES = ("first row", "last row", "first column", "last column",
