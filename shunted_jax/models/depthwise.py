@@ -139,25 +139,16 @@ def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math
 
 def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
     """One image, one block of channels: the sums over the map of g times each of the 9
-    shifted inputs and of g alone, then g's sums over the edges (`_EDGES`). Products are summed
-    row by row in (W, C) accumulators and reduced over W once at the end; the first and last
-    rows write their edge sums as the loop passes them. `with_slope`: g is the incoming
-    gradient times GELU's slope (a third input), rounded to the map's dtype and also written
-    out (a second output) for the input gradient's kernel."""
+    shifted inputs and of g alone. Products are summed row by row in (W, C) accumulators and
+    reduced over W once at the end. `with_slope`: g is the incoming gradient times GELU's slope
+    (a third input), rounded to the map's dtype and also written out (a second output) for the
+    input gradient's kernel."""
     if with_slope:
         x_ref, g_ref, slope_ref, o_ref, dz_ref = refs
     else:
         x_ref, g_ref, o_ref = refs
     batch, lanes = pl.program_id(0), pl.program_id(1) * block_c + jnp.arange(block_c)
     acc_dtype, columns = o_ref.dtype, jnp.arange(block_w)
-    column = lambda a, col: jnp.sum(jnp.where((columns == col)[:, None], a, 0), axis=0)  # noqa: E731
-
-    def write_edge_sums(g, row, last: bool):
-        @pl.when(row == (height - 1 if last else 0))
-        def _():
-            o_ref[batch, 11 if last else 10, lanes] = jnp.sum(g, 0)
-            o_ref[batch, 16 if last else 14, lanes] = column(g, 0)
-            o_ref[batch, 17 if last else 15, lanes] = column(g, width - 1)
 
     def add_row(row, sums):
         g = _load_shifted(g_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
@@ -166,21 +157,13 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
             g = g.astype(dz_ref.dtype)
             _store_row(dz_ref, batch, row, columns, width, lanes, g)
             g = g.astype(acc_dtype)
-        write_edge_sums(g, row, last=False)
-        write_edge_sums(g, row, last=True)
         taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
         return tuple(s + g * x for s, x in zip(sums, taps + [1]))
 
-    sums = jax.lax.fori_loop(0, height, add_row, (jnp.zeros((block_w, block_c), acc_dtype),) * 10)
+    zeros = jnp.zeros((block_w, block_c), acc_dtype)
+    sums = jax.lax.fori_loop(0, height, add_row, (zeros,) * 10)
     for k, s in enumerate(sums):
         o_ref[batch, k, lanes] = jnp.sum(s, axis=0)
-    o_ref[batch, 12, lanes] = column(sums[9], 0)
-    o_ref[batch, 13, lanes] = column(sums[9], width - 1)
-
-
-_EDGES = ("first row", "last row", "first column", "last column",
-          "top left", "top right", "bottom left", "bottom right")
-"""What `_weight_grad_kernel` sums g over after the taps and the bias (rows 10 to 17 of its output)."""
 
 
 def _tiling(x):
@@ -191,13 +174,13 @@ def _tiling(x):
 
 
 def _pallas_weight_grad(x, g, slope, target: Target):
-    """(18, C): the 9 tap gradients, the bias gradient and g's edge sums (`_EDGES`), per image
-    from the kernel, summed by XLA; and the gradient at z (g, or g times GELU's slope when
-    `slope` is given). 32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
+    """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by
+    XLA, and the gradient at z (g, or g times GELU's slope when `slope` is given).
+    32-channel blocks: ten (W, C) float32 accumulators must fit in registers."""
     tiling, (batch, _, _) = _tiling(x)
     tiling["block_c"] = min(_CHANNEL_BLOCKS)
     channels = x.shape[-1]
-    sums = jax.ShapeDtypeStruct((batch, 10 + len(_EDGES), channels), accumulator(x.dtype))
+    sums = jax.ShapeDtypeStruct((batch, 10, channels), accumulator(x.dtype))
     with_slope = slope is not None
     kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, **tiling)
     call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
@@ -234,16 +217,20 @@ def _edge_table(taps, bias, input_bias, residual):
     return table + b if residual else table
 
 
-def _sums_where_taps_see_the_map(total, edges):
+def _sums_where_taps_see_the_map(g, total):
     """(9, C): for each tap (dy, dx), the sum of g over the pixels p whose neighbour p + (dy, dx)
-    is in the map: `total`, the sum over all of them, less the edge rows and columns that the
-    tap sees outside of, plus their corner (`edges` as `_EDGES`). It gives the input bias'
-    share of the tap gradients and its own gradient without a pass over the map."""
-    first_row, last_row, first_column, last_column, *corners = edges
-    rows, columns = {-1: first_row, 1: last_row}, {-1: first_column, 1: last_column}
-    corner = dict(zip([(-1, -1), (-1, 1), (1, -1), (1, 1)], corners))
-    return jnp.stack([total - rows.get(dy, 0) - columns.get(dx, 0) + corner.get((dy, dx), 0)
-                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    is in the map (`total`, the sum over all of them, minus the excluded edge rows and columns).
+    The input bias' share of the tap gradients and its own gradient, without a pass over a map."""
+    acc = total.dtype
+    edge = {-1: 0, 1: -1}
+    rows = {dy: jnp.sum(g[:, i], (0, 1), acc) for dy, i in edge.items()}
+    columns = {dx: jnp.sum(g[:, :, i], (0, 1), acc) for dx, i in edge.items()}
+    sums = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            s = total - rows.get(dy, 0) - columns.get(dx, 0)
+            sums.append(s + jnp.sum(g[:, edge[dy], edge[dx]], 0, acc) if dy and dx else s)
+    return jnp.stack(sums)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -282,7 +269,7 @@ def _backward(residual, apply_gelu, target, saved, g):
     if input_bias is not None:
         # u = x + b: b's share of tap k's gradient is b times the sum of g where tap k sees the
         # map; and sum(du) = sum_k taps[k] * (that sum) (+ sum(g) with the residual).
-        seen = _sums_where_taps_see_the_map(d_bias, sums[10:])
+        seen = _sums_where_taps_see_the_map(g, d_bias)
         d_taps = d_taps + input_bias.astype(seen.dtype) * seen
         d_input = jnp.sum(taps.astype(seen.dtype) * seen, 0)
         d_input_bias = (d_input + d_bias if residual else d_input).astype(input_bias.dtype)
