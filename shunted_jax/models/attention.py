@@ -12,12 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from shunted_jax.models.depthwise import DepthwiseConv3x3
-from shunted_jax.models.layers import (
-    TORCH_NORM_EPS,
-    conv,
-    dense,
-    layer_norm,
-)
+from shunted_jax.models.layers import TORCH_NORM_EPS, conv, dense
+from shunted_jax.models.norm import layer_norm
 
 Dtype = Any
 

@@ -186,9 +186,7 @@ def _pallas_weight_grad(x, g, slope, target: Target):
     call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
                           grid=(batch, channels // tiling["block_c"]), interpret=target.interpret,
                           compiler_params=plt.CompilerParams(num_warps=8))
-    if not with_slope:
-        return jnp.sum(call(x, g), axis=0), g
-    sums, g = call(x, g, slope)
+    sums, g = call(x, g, slope) if with_slope else (call(x, g), g)
     return jnp.sum(sums, axis=0), g
 
 
@@ -253,10 +251,9 @@ def _bias_or_table(taps, bias, input_bias, residual):
 
 
 def _forward(x, taps, bias, input_bias, residual, apply_gelu, target):
-    bias_or_table = _bias_or_table(taps, bias, input_bias, residual)
-    if not apply_gelu:
-        return _pallas_conv(x, taps, bias_or_table, residual, target), (x, taps, bias, None, input_bias)
-    y, slope = _pallas_conv(x, taps, bias_or_table, residual, target, apply_gelu, keep_slope=True)
+    out = _pallas_conv(x, taps, _bias_or_table(taps, bias, input_bias, residual), residual, target, apply_gelu,
+                       keep_slope=apply_gelu)
+    y, slope = out if apply_gelu else (out, None)
     return y, (x, taps, bias, slope, input_bias)
 
 

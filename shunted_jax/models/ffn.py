@@ -32,8 +32,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"Unknown FFN kind {self.kind!r}; choose one of {FFN_KINDS}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.kind in ("detail", "pvt"):
-            # fc1's bias goes to the depthwise conv: when inferring, the Pallas kernel folds it into
-            # its own bias instead of a pass over the hidden map
+            # fc1's bias goes to the depthwise conv: the Pallas kernel folds it into its own bias
+            # instead of a pass over the hidden map
             u, fc1_bias = DenseWithDeferredBias(self.hidden_dim, name="fc1", **kw)(x)
             y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, residual=self.kind == "detail",
                                  apply_gelu=True, name="dwconv", **kw)(u, input_bias=fc1_bias)

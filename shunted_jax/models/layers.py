@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shunted_jax.models.norm import LayerNorm
-
 Dtype = Any
 
 # Official LayerNorm eps: 1e-6 for block and stage norms, 1e-5 (PyTorch's default) elsewhere.
@@ -87,12 +85,6 @@ class DenseWithDeferredBias(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias
-
-
-def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype, apply_gelu: bool = False) -> LayerNorm:
-    """nn.LayerNorm with the two-pass variance, as torch computes it (E[x^2] - E[x]^2 loses
-    float32 digits), then GELU with `apply_gelu`; a Pallas kernel on one GPU for 16-bit maps."""
-    return LayerNorm(eps, apply_gelu, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def drop_path(x, rate, deterministic: bool, rng_module: nn.Module):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from shunted_jax.models.layers import gelu
 from shunted_jax.models.pallas_common import Target, accumulator, gelu_slope, kernels_fit, normal_cdf, target_for
 
 Dtype = Any
@@ -161,4 +162,10 @@ class LayerNorm(nn.Module):
                                    target_for(acc, backend))
             return y.reshape(x.shape)
         y = _xla_layer_norm(x, scale, bias, self.epsilon, acc).astype(self.dtype)
-        return nn.gelu(y, approximate=False) if self.apply_gelu else y
+        return gelu(y) if self.apply_gelu else y
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype, apply_gelu: bool = False) -> LayerNorm:
+    """The models' LayerNorm: the two-pass variance, as torch computes it (E[x^2] - E[x]^2 loses
+    float32 digits), then GELU with `apply_gelu`; "auto" picks the Pallas kernels."""
+    return LayerNorm(eps, apply_gelu, dtype=dtype, param_dtype=param_dtype, name=name)

@@ -25,8 +25,8 @@ from shunted_jax.models.layers import (
     conv,
     dense_kernel_init,
     drop_path,
-    layer_norm,
 )
+from shunted_jax.models.norm import layer_norm
 
 Dtype = Any
 

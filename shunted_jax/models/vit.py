@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from shunted_jax.models.layers import BLOCK_NORM_EPS, conv, dense_kernel_init, layer_norm
+from shunted_jax.models.layers import BLOCK_NORM_EPS, conv, dense_kernel_init
+from shunted_jax.models.norm import layer_norm
 from shunted_jax.models.pyramid import scanned_blocks
 
 Dtype = Any
