@@ -11,6 +11,8 @@ from shunted_jax import models
 from shunted_jax.convert import torch_to_flax
 from shunted_jax.models.attention import MultiScaleTokenAggregator, choose_attention, pad_keys
 from shunted_jax.models.flops import count_macs
+from shunted_jax.models.layers import space_to_depth_conv
+from shunted_jax.models.pyramid import ConvStem
 
 TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
                     depths=(1, 1, 2, 1), num_conv=1)
@@ -257,3 +259,48 @@ def test_vit_baseline_has_deit_tiny_shape_and_refuses_other_grids():
     assert state["intermediates"]["block1"]["attn"]["attention_probs"][0].shape == (2, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="4x4 patch grid"):
         small.apply(variables, jnp.zeros((1, 48, 48, 3)))
+
+
+@pytest.mark.parametrize("height, width, channels, size, padding", [
+    (17, 22, 3, 7, 3),  # the stem's conv on an odd height
+    (8, 9, 5, 3, 1),
+    (10, 11, 4, 4, 1),  # an even kernel
+    (6, 7, 2, 1, 0),
+])
+def test_space_to_depth_conv_is_the_strided_conv(height, width, channels, size, padding):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((2, height, width, channels)))
+        kernel = jnp.asarray(rng.standard_normal((size, size, channels, 6)))
+        want = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((padding, padding),) * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_allclose(space_to_depth_conv(x, kernel, padding), want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_stem_trains_the_same_with_space_to_depth():
+    """Training runs the stem unfolded: the same outputs, batch statistics and kernel gradients
+    with the 7x7/2 conv as a space-to-depth conv (inference, folded, is checked against the
+    official model by the fixtures)."""
+    with jax.enable_x64(True):
+        images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 19, 24, 3)))
+        stems = [ConvStem(16, num_conv=1, space_to_depth=s2d, dtype=jnp.float64, param_dtype=jnp.float64)
+                 for s2d in (True, False)]
+        variables = stems[0].init(jax.random.key(0), images, train=False)
+
+        def train(stem, params):
+            out, stats = stem.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+            return jnp.sum(out ** 2), stats
+
+        (got, got_stats), got_grads = jax.value_and_grad(lambda p: train(stems[0], p), has_aux=True)(variables["params"])
+        (want, want_stats), want_grads = jax.value_and_grad(lambda p: train(stems[1], p), has_aux=True)(
+            variables["params"])
+        for g, w in zip(jax.tree.leaves((got, got_stats, got_grads)), jax.tree.leaves((want, want_stats, want_grads))):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_stem_inference_asks_for_its_batch_stats():
+    images = jnp.ones((1, 32, 32, 3))
+    stem = ConvStem(8)
+    params = stem.init(jax.random.key(0), images, train=False)["params"]
+    with pytest.raises(ValueError, match="batch_stats"):
+        stem.apply({"params": params}, images, train=False)

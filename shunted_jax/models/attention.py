@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shunted_jax.models.depthwise import DepthwiseConv3x3
-from shunted_jax.models.layers import TORCH_NORM_EPS, conv, dense
+from shunted_jax.models.layers import TORCH_NORM_EPS, ColumnBlockDense, conv, dense
 from shunted_jax.models.norm import layer_norm
 
 Dtype = Any
@@ -165,30 +165,31 @@ class ShuntedSelfAttention(MultiScaleAttention):
                 f"{self.num_heads} heads cannot be split into {groups} groups (rates {tuple(self.rates)}): "
                 "choose a head count divisible by the number of rates."
             )
-        q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         if tuple(self.rates) == (1,):
-            out = self._global_attention(x, q, kw)
+            out = self._global_attention(x, kw)
         else:
-            out = self._grouped_attention(x, q, kw)
+            out = self._grouped_attention(x, kw)
         return dense(dim, name="proj", **kw)(out)
 
-    def _global_attention(self, x, q, kw):
+    def _global_attention(self, x, kw):
         dim = x.shape[-1]
+        q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         kv = dense(2 * dim, name="kv", **kw)(x)
         k, v = kv[..., :dim], kv[..., dim:]
         out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
                                    self.implementation)
         return out.reshape(x.shape) + DepthwiseConv3x3(dim, self.depthwise_impl, name="local_conv", **kw)(v)
 
-    def _grouped_attention(self, x, q, kw):
-        heads = self.num_heads // len(self.rates)
-        width = x.shape[-1] // len(self.rates)
+    def _grouped_attention(self, x, kw):
+        groups = len(self.rates)
+        heads = self.num_heads // groups
+        width = x.shape[-1] // groups
+        queries = ColumnBlockDense(x.shape[-1], groups, name="q", **kw)(x)
         outputs = []
-        for g, rate in enumerate(self.rates, start=1):
+        for g, (rate, q) in enumerate(zip(self.rates, queries), start=1):
             k, v = aggregated_keys_values(x, rate, width, g, self.depthwise_impl, kw)
-            q_group = q[:, :, (g - 1) * heads : g * heads]
-            outputs.append(multi_head_attention(self, q_group, split_heads(k, heads), split_heads(v, heads),
-                                                self.implementation))
+            outputs.append(multi_head_attention(self, split_heads(q, heads), split_heads(k, heads),
+                                                split_heads(v, heads), self.implementation))
         return jnp.concatenate(outputs, axis=2).reshape(x.shape)
 
 

@@ -62,8 +62,12 @@ def count_macs(model, image_hw=(224, 224)) -> Dict[str, Dict[str, int]]:
 
     Returns {"total": {"conv", "linear", "attention", "all"}, "stage1": {...}, ..., "head": {...}}.
     """
-    # fused and Pallas kernels are custom calls the count cannot see
-    model = model.clone(attention_impl="exact", depthwise_impl="xla")
+    # fused and Pallas kernels are custom calls the count cannot see; the space-to-depth stem
+    # conv multiplies zero taps
+    exact = dict(attention_impl="exact", depthwise_impl="xla")
+    if "stem_space_to_depth" in model.__dataclass_fields__:
+        exact["stem_space_to_depth"] = False
+    model = model.clone(**exact)
     images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images)

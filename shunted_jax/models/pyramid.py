@@ -10,6 +10,7 @@ their parameters carry a leading depth axis.
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,8 +24,10 @@ from shunted_jax.models.layers import (
     BLOCK_NORM_EPS,
     TORCH_NORM_EPS,
     conv,
+    conv_kernel_init,
     dense_kernel_init,
     drop_path,
+    space_to_depth_conv,
 )
 from shunted_jax.models.norm import layer_norm
 
@@ -40,24 +43,70 @@ def official_ssa_rates(sr_ratio: int) -> Tuple[int, ...]:
     return (sr_ratio, sr_ratio // 2) if sr_ratio > 1 else (1,)
 
 
+class StemConv(nn.Module):
+    """A bias-free conv of the stem (nn.Conv's 'kernel', init and dtype promotion) that can take
+    a BatchNorm folded in: conv(x, k) * scale + shift computed as conv(x, k * scale) + shift.
+    With `space_to_depth` a stride-2 conv runs as `space_to_depth_conv`."""
+
+    features: int
+    size: int
+    stride: int
+    padding: int
+    space_to_depth: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, scale=None, shift=None):
+        kernel = self.param("kernel", conv_kernel_init(), (self.size, self.size, x.shape[-1], self.features),
+                            self.param_dtype)
+        if scale is not None:
+            kernel = kernel * scale
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.space_to_depth and self.stride == 2:
+            y = space_to_depth_conv(x, kernel, self.padding)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, ((self.padding,) * 2,) * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if shift is None else y + shift.astype(y.dtype)
+
+
+def folded_batch_norm(bn: nn.BatchNorm):
+    """(scale, shift) with BN(y) = y * scale + shift in inference, from `bn`'s variables."""
+    variables = bn.variables
+    if "batch_stats" not in variables:
+        raise ValueError(f"{bn.name} has no running statistics: apply the model with its 'batch_stats' collection "
+                         "as well as its 'params'.")
+    stats, params = variables["batch_stats"], variables["params"]
+    scale = params["scale"] * jax.lax.rsqrt(stats["var"] + bn.epsilon)
+    return scale, params["bias"] - stats["mean"] * scale
+
+
 class ConvStem(nn.Module):
     """Shunted's stem ('Head'): 7x7/2 conv-BN-ReLU, `num_conv` x (3x3 conv-BN-ReLU), 2x2/2 conv,
-    LayerNorm. Overall stride 4."""
+    LayerNorm. Overall stride 4.
+
+    In inference each BatchNorm is folded into its conv (conv, bias and ReLU are then one cuDNN
+    call instead of a conv and a pass over the map), and with `space_to_depth` the 7x7/2 conv
+    runs as a 4x4 conv over 2x2 pixel blocks (`space_to_depth_conv`).
+    """
 
     features: int
     num_conv: int = 0
+    space_to_depth: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        fold = not (train or self.is_initializing())
         for i in range(self.num_conv + 1):
             first = i == 0
-            x = conv(self.features, 7 if first else 3, stride=2 if first else 1, padding=3 if first else 1,
-                     use_bias=False, name=f"conv_{i}", **kw)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)(x)
-            x = nn.relu(x)
+            conv_i = StemConv(self.features, 7 if first else 3, stride=2 if first else 1, padding=3 if first else 1,
+                              space_to_depth=self.space_to_depth, name=f"conv_{i}", **kw)
+            bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)
+            x = nn.relu(conv_i(x, *folded_batch_norm(bn)) if fold else bn(conv_i(x)))
         x = conv(self.features, 2, stride=2, name="proj", **kw)(x)
         return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)
 
@@ -151,6 +200,7 @@ class PyramidVisionTransformer(nn.Module):
     attention_impl: str = "exact"
     depthwise_impl: str = "xla"
     scan_unroll: int = 1  # blocks per loop iteration: more compiles slower, may run faster
+    stem_space_to_depth: bool = True  # the conv stem's 7x7/2 conv as a 4x4 conv over 2x2 pixel blocks
 
     def stage_rates(self) -> Tuple[Tuple[int, ...], ...]:
         """Per stage: the SSA group (or aggregator branch) rates, or the single SRA reduction ratio."""
@@ -219,7 +269,8 @@ class PyramidVisionTransformer(nn.Module):
             if i > 0:
                 x = PatchEmbed(self.embed_dims[i], name=f"patch_embed{i + 1}", **kw)(x)
             elif self.stem == "conv":
-                x = ConvStem(self.embed_dims[0], self.num_conv, name="patch_embed1", **kw)(x, train)
+                x = ConvStem(self.embed_dims[0], self.num_conv, self.stem_space_to_depth, name="patch_embed1",
+                             **kw)(x, train)
             else:
                 x = PatchEmbed(self.embed_dims[0], kernel=7, stride=4, name="patch_embed1", **kw)(x)
             start = sum(self.depths[:i])
