@@ -136,7 +136,7 @@ def run(args) -> dict:
     result = {
         "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
         "attention_impl": config.model.get("attention_impl"), "depthwise_impl": config.model.get("depthwise_impl"),
-        "scan_unroll": config.model.get("scan_unroll"),
+        "scan_unroll": config.model.get("scan_unroll"), "stem_space_to_depth": config.model.get("stem_space_to_depth"),
         "compiler_options": config.compiler_options,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,

@@ -90,9 +90,9 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
 
     with pytest.raises(ValueError, match="another model.*name: 'shunted_t' != 'shunted_s'"):
         checkpoint.restore(manager, abstract, {"model": {"name": "shunted_s"}})
-    # A run resumes with another layout, attention or depthwise kernel: the parameters are the same.
+    # A run resumes with another layout, attention, depthwise kernel or stem conv: the parameters are the same.
     checkpoint.restore(manager, abstract, {"model": {"name": "shunted_t", "scan_unroll": 1, "attention_impl": "xla",
-                                                     "depthwise_impl": "pallas"}})
+                                                     "depthwise_impl": "pallas", "stem_space_to_depth": False}})
     manager.close()
 
 

@@ -226,10 +226,10 @@ def _edge_sums(g, acc):
     ends = (0, -1)
     per_image = ([jnp.sum(g[:, i], 1, acc) for i in ends] + [jnp.sum(g[:, :, i], 1, acc) for i in ends]
                  + [g[:, i, j].astype(acc) for i in ends for j in ends])
-    sums = iter(jnp.sum(jax.lax.optimization_barrier(jnp.stack(per_image, 1)), 0))
+    sums = jnp.sum(jax.lax.optimization_barrier(jnp.stack(per_image, 1)), 0)
     sides = (-1, 1)
-    rows, columns = {dy: next(sums) for dy in sides}, {dx: next(sums) for dx in sides}
-    return rows, columns, {(dy, dx): next(sums) for dy in sides for dx in sides}
+    rows, columns = dict(zip(sides, sums[0:2])), dict(zip(sides, sums[2:4]))
+    return rows, columns, dict(zip([(dy, dx) for dy in sides for dx in sides], sums[4:8]))
 
 
 def _sums_where_taps_see_the_map(g, total):

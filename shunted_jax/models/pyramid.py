@@ -60,8 +60,8 @@ class StemConv(nn.Module):
     def __call__(self, x, scale=None, shift=None):
         kernel = self.param("kernel", conv_kernel_init(), (self.size, self.size, x.shape[-1], self.features),
                             self.param_dtype)
-        if scale is not None:
-            kernel = kernel * scale
+        if scale is not None:  # in the wider of the parameters' and the compute dtype, then rounded
+            kernel = kernel.astype(jnp.promote_types(kernel.dtype, self.dtype or kernel.dtype)) * scale
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if self.space_to_depth and self.stride == 2:
             y = space_to_depth_conv(x, kernel, self.padding)
@@ -78,8 +78,10 @@ def folded_batch_norm(bn: nn.BatchNorm):
         raise ValueError(f"{bn.name} has no running statistics: apply the model with its 'batch_stats' collection "
                          "as well as its 'params'.")
     stats, params = variables["batch_stats"], variables["params"]
-    scale = params["scale"] * jax.lax.rsqrt(stats["var"] + bn.epsilon)
-    return scale, params["bias"] - stats["mean"] * scale
+    dtype = jnp.promote_types(params["scale"].dtype, bn.dtype or jnp.float32)  # the compute dtype, as BN's own
+    mean, var, gamma, beta = (a.astype(dtype) for a in (stats["mean"], stats["var"], params["scale"], params["bias"]))
+    scale = gamma * jax.lax.rsqrt(var + bn.epsilon)
+    return scale, beta - mean * scale
 
 
 class ConvStem(nn.Module):
