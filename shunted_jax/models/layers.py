@@ -115,9 +115,7 @@ class DenseWithDeferredBias(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", dense_kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = _dense_operands(self, x)
         return _product(x, kernel), bias
 
 
@@ -137,14 +135,19 @@ class ColumnBlockDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", dense_kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = _dense_operands(self, x)
         if self.features % self.column_blocks:
             raise ValueError(f"{self.features} features cannot be split into {self.column_blocks} equal column blocks.")
         width = self.features // self.column_blocks
         blocks = [slice(b * width, (b + 1) * width) for b in range(self.column_blocks)]
         return tuple(_product(x, kernel[:, cols]) + bias[cols] for cols in blocks)
+
+
+def _dense_operands(module: nn.Module, x):
+    """nn.Dense's 'kernel' and 'bias' of `module` (its `features`, dtypes and init), promoted with x."""
+    kernel = module.param("kernel", dense_kernel_init, (x.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", nn.initializers.zeros, (module.features,), module.param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
 
 
 def _product(x, kernel):

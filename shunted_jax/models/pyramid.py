@@ -60,8 +60,8 @@ class StemConv(nn.Module):
     def __call__(self, x, scale=None, shift=None):
         kernel = self.param("kernel", conv_kernel_init(), (self.size, self.size, x.shape[-1], self.features),
                             self.param_dtype)
-        if scale is not None:  # in the wider of the parameters' and the compute dtype, then rounded
-            kernel = kernel.astype(jnp.promote_types(kernel.dtype, self.dtype or kernel.dtype)) * scale
+        if scale is not None:  # scale is in the compute dtype (`folded_batch_norm`), so is the product
+            kernel = kernel * scale
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if self.space_to_depth and self.stride == 2:
             y = space_to_depth_conv(x, kernel, self.padding)
