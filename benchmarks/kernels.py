@@ -5,7 +5,7 @@ Shunted stage shape.
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
-are the tables of BENCHMARKS.md, "Session 2" (they decide `attention_impl="auto"`'s threshold),
+are the tables of BENCHMARKS.md, "Session 2" and "Session 9" (they decide `attention_impl="auto"`),
 and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the FFN's residual) and
 FeedForward modules with each `depthwise_impl`.
 """
@@ -19,6 +19,8 @@ from jax import lax
 from shunted_jax.models.attention import pad_keys
 from shunted_jax.models.depthwise import DepthwiseConv3x3
 from shunted_jax.models.ffn import FeedForward
+from shunted_jax.models.pallas_common import target_for
+from shunted_jax.models.short_attention import short_attention
 
 BF16 = jnp.bfloat16
 ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), (196, 49, 4), (196, 196, 4),
@@ -64,6 +66,7 @@ ATTENTION = {
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
     "cudnn pad64": cudnn_padded,
+    "pallas": lambda q, k, v: short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, jax.default_backend())),
 }
 
 

@@ -25,7 +25,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     # Every field of the model is listed, so any of them can be overridden from the command line.
     config.model = ml_collections.ConfigDict(
         {"name": model_name, **models.model_fields(model_name), "drop_path_rate": drop_path_rate,
-         # "auto": cuDNN's fused attention for the large attentions on a GPU (exact elsewhere).
+         # "auto": on a GPU, the Pallas kernels for up to 64 keys and cuDNN for larger attentions (exact elsewhere).
          # Blocks per scan iteration; 64 unrolls every stage. Together, on an H100: 1.9x the
          # train step of the scanned exact model, for a longer first compile (BENCHMARKS.md).
          # The demo scans (compiles fast on a CPU).

@@ -75,17 +75,19 @@ def test_fused_attention_path_matches_exact_path():
     np.testing.assert_allclose(fused, model.apply(variables, images), atol=1e-5)
 
 
-def test_auto_attention_uses_cudnn_only_where_it_measured_faster():
+def test_auto_attention_picks_the_kernel_measured_fastest():
     bf16 = jnp.bfloat16
-    assert choose_attention("auto", 3136, 49, bf16, "gpu") == "cudnn"
-    assert choose_attention("auto", 196, 196, bf16, "gpu") == "cudnn"
-    assert choose_attention("auto", 196, 49, bf16, "gpu") == "exact"  # small: XLA's einsums win
-    assert choose_attention("auto", 49, 49, bf16, "gpu") == "exact"  # odd queries: cuDNN refuses
-    assert choose_attention("auto", 3136, 49, jnp.float32, "gpu") == "exact"
-    assert choose_attention("auto", 3136, 49, bf16, "cpu") == "exact"
-    assert choose_attention("xla", 49, 49, bf16, "cpu") == "xla"
+    assert choose_attention("auto", 3136, 49, 32, bf16, "gpu") == "pallas"
+    assert choose_attention("auto", 49, 49, 32, bf16, "gpu") == "pallas"  # odd queries: cuDNN refuses
+    assert choose_attention("auto", 3136, 196, 32, bf16, "gpu") == "cudnn"  # 196 keys: cuDNN trains faster
+    assert choose_attention("auto", 196, 196, 32, bf16, "gpu") == "cudnn"
+    assert choose_attention("auto", 196, 49, 32, bf16, "gpu", devices=2) == "exact"  # Pallas: one device
+    assert choose_attention("auto", 3136, 49, 24, bf16, "gpu") == "cudnn"  # no power-of-two head dim
+    assert choose_attention("auto", 3136, 49, 32, jnp.float32, "gpu") == "exact"
+    assert choose_attention("auto", 3136, 49, 32, bf16, "cpu") == "exact"
+    assert choose_attention("xla", 49, 49, 32, bf16, "cpu") == "xla"
     with pytest.raises(ValueError, match="auto"):
-        choose_attention("flash", 49, 49, bf16, "gpu")
+        choose_attention("flash", 49, 49, 32, bf16, "gpu")
 
 
 def test_keys_padded_for_cudnn_are_masked_out():

@@ -11,31 +11,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shunted_jax.models import short_attention
 from shunted_jax.models.depthwise import DepthwiseConv3x3
 from shunted_jax.models.layers import TORCH_NORM_EPS, ColumnBlockDense, conv, dense
 from shunted_jax.models.norm import layer_norm
+from shunted_jax.models.pallas_common import target_for
 
 Dtype = Any
 
 
-ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn", "pallas")
 POOL_SCOPE = "adaptive_avg_pool"  # a pooling, not a layer: the MAC counter skips it, as torch's does
-# In isolation cuDNN's fused attention beats XLA's einsums on an H100 from 784 queries x 49 keys
-# per head up (3136x49, 784x49, 196x196), and loses below (196x49, 49x49). In the whole model
-# with unrolled stages "auto" speeds up training and inference of every Shunted variant (it
-# slowed the scanned train step), so the training configs use it (BENCHMARKS.md, session 4).
+# In isolation on an H100 (bf16, head dim 32; BENCHMARKS.md sessions 2 and 9): `short_attention`'s
+# kernels beat cuDNN's fused attention and XLA's einsums at 49 keys (forward 1.7-2.4x faster than
+# the better of the two, training 1.8-2.8x), and lose to cuDNN at 196 keys; cuDNN beats the
+# einsums from 784 queries x 49 keys per head up (3136x49, 784x49, 196x196), and loses below.
+PALLAS_AUTO_MAX_KEYS = 64
 CUDNN_MIN_LOGITS_PER_HEAD = 784 * 49
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def choose_attention(implementation: str, queries: int, keys: int, dtype, backend: str) -> str:
-    """Resolves "auto": cuDNN's fused kernel where it is faster and accepts the shape (a GPU,
-    16-bit inputs, an even query count, at least CUDNN_MIN_LOGITS_PER_HEAD logits per head),
-    the exact einsums everywhere else (CPU, TPU, float32 and float64 stay exact)."""
+def choose_attention(implementation: str, queries: int, keys: int, head_dim: int, dtype, backend: str,
+                     devices: int = 1) -> str:
+    """Resolves "auto": the Pallas kernels of `short_attention` for at most PALLAS_AUTO_MAX_KEYS
+    keys where they take the shape (one GPU, 16-bit inputs), else cuDNN's fused kernel where it
+    is faster and accepts the shape (a GPU, 16-bit inputs, an even query count, at least
+    CUDNN_MIN_LOGITS_PER_HEAD logits per head), the exact einsums everywhere else (CPU, TPU,
+    float32 and float64 stay exact)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLS}.")
+    if implementation == "pallas" and keys > short_attention.MAX_KEYS:
+        raise ValueError(f"attention_impl='pallas' takes at most {short_attention.MAX_KEYS} keys, this layer has "
+                         f"{keys}: use attention_impl='auto'.")
     if implementation != "auto":
         return implementation
+    if keys <= PALLAS_AUTO_MAX_KEYS and short_attention.fits(keys, head_dim, dtype, backend, devices):
+        return "pallas"
     fused = (backend == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES and queries % 2 == 0
              and queries * keys >= CUDNN_MIN_LOGITS_PER_HEAD)
     return "cudnn" if fused else "exact"
@@ -65,12 +76,17 @@ def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exac
     "exact": einsums with the logits and softmax in float32, or float64 when the inputs are
     (jax.nn.dot_product_attention always rounds its softmax to float32, which float64 parity
     tests see). "xla" / "cudnn": jax.nn.dot_product_attention with that implementation.
-    "auto": `choose_attention`. With the 'intermediates' collection mutable the exact path is
-    taken and stores the attention probabilities there, for pictures of what each head looks at.
+    "pallas": `short_attention`'s kernels. "auto": `choose_attention`. With the 'intermediates'
+    collection mutable the exact path is taken and stores the attention probabilities there, for
+    pictures of what each head looks at.
     """
-    implementation = choose_attention(implementation, q.shape[1], k.shape[1], q.dtype, jax.default_backend())
+    backend = jax.default_backend()
+    implementation = choose_attention(implementation, q.shape[1], k.shape[1], q.shape[-1], q.dtype, backend,
+                                      jax.device_count())
     scale = q.shape[-1] ** -0.5
     if implementation != "exact" and not module.is_mutable_collection("intermediates"):
+        if implementation == "pallas":
+            return short_attention.short_attention(q, k, v, scale, target_for(q.dtype, backend))
         return fused_attention(q, k, v, scale, implementation)
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype) * scale
