@@ -110,7 +110,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *lse_ref, scale, queries, keys
 
 
 def _attention_backward_kernel(q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, *, scale, queries, keys,
-                     tiles: Tiling):
+                               tiles: Tiling):
     """Query gradients of the program's query blocks, and their share of the key and value
     gradients (float32 partial sums, one slot per program)."""
     here = _Head(k_ref, v_ref, keys, tiles.block_k)
