@@ -30,6 +30,7 @@ def pallas_attention(q, k, v):
     (1, 300, 7, 1, 32),   # several backward programs per head: their key/value partial sums add up
     (2, 20, 130, 3, 16),  # more keys than queries, a key count that is no power of two
     (1, 3, 1, 1, 16),     # one key: every probability is 1
+    (1, 70, 49, 2, 64),   # PVTv2's head dim
 ])
 def test_kernels_match_exact_attention_in_float64(batch, queries, keys, heads, head_dim):
     with jax.enable_x64(True):
