@@ -10,11 +10,11 @@ of the batch with its reverse (soft targets, as the official recipe's mixup give
 soft-target cross-entropy, backward, fused AdamW (lr 1e-3, weight decay 0.05), parameters and
 optimizer state in float32. Inference: eval mode under `torch.inference_mode`. With `--compile`
 the model is `torch.compile`d and the first step's extra time is reported as the compile time.
-Each part: 3 warm-up steps, then `--steps` timed ones between device synchronisations.
+Each part: the same warm-up steps as `shunted_jax.bench`, then `--steps` timed ones between
+device synchronisations. Run it where shunted_jax is importable (installed, or on PYTHONPATH).
 """
 import argparse
 import importlib.util
-import json
 import pathlib
 import platform
 import sys
@@ -22,6 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from shunted_jax.bench import WARMUP_STEPS, add_measurement_arguments, append_json_line
 
 NUM_CLASSES = 1000
 MIX = 0.7  # weight of each image against its partner in the reversed batch
@@ -44,12 +46,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(step, device: torch.device, steps: int) -> tuple[float, float]:
-    """(seconds of the first call, seconds per call over `steps` calls after 3 warm-ups)."""
+    """(seconds of the first call, seconds per call over `steps` calls after the warm-ups)."""
     start = time.perf_counter()
     step()
     synchronize(device)
     first = time.perf_counter() - start
-    for _ in range(2):
+    for _ in range(WARMUP_STEPS - 1):
         step()
     synchronize(device)
     start = time.perf_counter()
@@ -134,16 +136,10 @@ def main(argv=None):
     parser.add_argument("--official", required=True, metavar="PATH/SSA.py", help="the official model file")
     parser.add_argument("--model", required=True, choices=["shunted_t", "shunted_s", "shunted_b"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--batch", type=int, default=128, help="train-step batch (0 skips training)")
-    parser.add_argument("--eval-batch", type=int, default=256, help="inference batch (0 skips inference)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
-    parser.add_argument("--json", metavar="FILE", help="append the result as one JSON line")
+    add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     result = run(args)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_json_line(args.json, result)
     return result
 
 

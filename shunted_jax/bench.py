@@ -31,6 +31,7 @@ PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100": 989.0, "NVIDI
                     "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "TPU v4": 275.0,
                     "TPU v5 lite": 197.0, "TPU v5p": 459.0}
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+WARMUP_STEPS = 3
 
 
 def load_training_config(model_name: str):
@@ -72,12 +73,12 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
     compiled = setup.train_step.lower(setup.state, images).compile()
     compile_s = time.perf_counter() - start
     state = setup.state
-    for _ in range(3):
+    for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, images)
     jax.block_until_ready(metrics)
     if profile_dir:
         with jax.profiler.trace(str(profile_dir)):
-            for _ in range(3):
+            for _ in range(WARMUP_STEPS):
                 state, metrics = compiled(state, images)
             jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -103,7 +104,7 @@ def bench_inference(model, batch: int, image_size: int, steps: int, compiler_opt
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
-    for _ in range(3):
+    for _ in range(WARMUP_STEPS):
         _timed(compiled, variables, images)
     start = time.perf_counter()
     for _ in range(steps):
@@ -173,16 +174,29 @@ def format_part(kind: str, r: dict) -> str:
             f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu})")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=models.list_models())
+def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what is measured; benchmarks/torch_reference.py takes them too, so that
+    the official PyTorch model is timed as this project's is."""
     parser.add_argument("--batch", type=int, default=128, help="train-step batch (0 skips training)")
     parser.add_argument("--eval-batch", type=int, default=256, help="inference batch (0 skips inference)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps")
-    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps")
+    parser.add_argument("--steps", type=int, default=20, help=f"timed steps after {WARMUP_STEPS} warm-up steps")
     parser.add_argument("--json", metavar="FILE", help="append the result as one JSON line")
+
+
+def append_json_line(path, result: dict) -> None:
+    """`result` as one line of the JSON-lines file `path` (nothing when `path` is None)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=models.list_models())
+    add_measurement_arguments(parser)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps")
     parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "shunted_jax" / "jax"),
                         help="persistent compilation cache ('' to disable)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
@@ -193,9 +207,7 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     result = run(args)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_json_line(args.json, result)
     return result
 
 
