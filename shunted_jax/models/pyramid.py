@@ -19,6 +19,7 @@ from shunted_jax.models.attention import (
     ShuntedSelfAttention,
     SpatialReductionAttention,
 )
+from shunted_jax.models.batch_norm import BatchNorm
 from shunted_jax.models.ffn import FeedForward
 from shunted_jax.models.layers import (
     BLOCK_NORM_EPS,
@@ -71,7 +72,7 @@ class StemConv(nn.Module):
         return y if shift is None else y + shift.astype(y.dtype)
 
 
-def folded_batch_norm(bn: nn.BatchNorm):
+def folded_batch_norm(bn: BatchNorm):
     """(scale, shift) with BN(y) = y * scale + shift in inference, from `bn`'s variables."""
     variables = bn.variables
     if "batch_stats" not in variables:
@@ -107,7 +108,7 @@ class ConvStem(nn.Module):
             first = i == 0
             conv_i = StemConv(self.features, 7 if first else 3, stride=2 if first else 1, padding=3 if first else 1,
                               space_to_depth=self.space_to_depth, name=f"conv_{i}", **kw)
-            bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)
+            bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)
             x = nn.relu(conv_i(x, *folded_batch_norm(bn)) if fold else bn(conv_i(x)))
         x = conv(self.features, 2, stride=2, name="proj", **kw)(x)
         return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)

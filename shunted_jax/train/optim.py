@@ -37,11 +37,21 @@ def weight_decay_mask(params):
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
+    """Scales every gradient by min(1, max_norm / (G + 1e-6)), G the global norm: PyTorch's
+    `clip_grad_norm_`, which the official recipe uses. `optax.clip_by_global_norm` divides by G."""
+    def clip(updates, params=None):
+        del params
+        factor = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+    return optax.stateless(clip)
+
+
 def make_optimizer(optimizer_config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW on `schedule`, preceded by global-norm clipping when `grad_clip_norm` > 0."""
     adamw = optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2,
                         eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay,
                         mask=weight_decay_mask)
     if optimizer_config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), adamw)
+        return optax.chain(clip_by_global_norm_as_torch(optimizer_config.grad_clip_norm), adamw)
     return adamw

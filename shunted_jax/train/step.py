@@ -25,7 +25,7 @@ def _loss_and_grads(model, params, batch_stats, images, targets, rng):
         variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
         logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
                                       mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets).mean()
         return loss, updates.get("batch_stats", batch_stats)
     (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, new_batch_stats, grads
