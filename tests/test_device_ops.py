@@ -19,8 +19,6 @@ tf = tensorflow()
 
 SIZE = (40, 48)  # not square, so that a swapped height and width shows
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-TRAIN_PP = "randaug(2,9,0.5)|value_range(0,1)|normalize|random_erase(0.25)"
-EVAL_PP = "value_range(0,1)|normalize"
 
 
 def _resized(image) -> np.ndarray:
@@ -32,7 +30,8 @@ def images() -> np.ndarray:
     """float32 (4, 40, 48, 3) in [0, 255]: a photo (matplotlib's grace_hopper.jpg), the data tests'
     natural-looking image, a Fashion-MNIST test image, and the photo rotated by the host op (values
     between integers and fill in the corners, as a second RandAugment layer sees them)."""
-    photo = _resized(tf.io.decode_jpeg(tf.io.read_file(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))))
+    photo_file = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    photo = _resized(tf.io.decode_jpeg(tf.io.read_file(str(photo_file))))
     fashion = _resized(np.repeat(read_idx(f"{DEBIAN_DIR}/t10k-images-idx3-ubyte.gz")[0][..., None], 3, axis=-1))
     rotated = randaug.rotate(tf.constant(photo, tf.float32), 23.0).numpy()
     return np.stack([photo, natural_image(*SIZE), fashion, rotated]).astype(np.float32)
@@ -45,29 +44,32 @@ def apply_operation():
 
 
 def _host_operation(image, index: int, level: float, sign: float) -> np.ndarray:
-    return randaug.RandAugment().apply_operation(tf.constant(image), tf.constant(index), tf.constant(level), tf.constant(sign)).numpy()
+    host = randaug.RandAugment()
+    return host.apply_operation(tf.constant(image), tf.constant(index), tf.constant(level), tf.constant(sign)).numpy()
 
 
 @pytest.mark.parametrize("name", device_ops.OPERATION_NAMES)
 def test_each_operation_matches_the_host_op(name, images, apply_operation):
     """Photometric ops: within one level of 255 on average, and at most 1% of the values more than
-    one level apart. Geometric ops interpolate bilinearly at the same coordinates with the same
-    per-neighbour fill as TF, so only float32 rounding of the coordinates (about 1e-5 pixel, times
-    a gradient of at most 255 levels per pixel) separates them: at most 0.05 levels anywhere; a
-    half-pixel shift, another fill value or a fill rule per output pixel moves edge pixels by tens."""
+    half a level apart (the arithmetic is the same in float32; dm-pix's luma weights differ from
+    PIL's by 1e-4, and a rounding that decides between integers, as in Contrast's rounded mean or
+    Posterize's floor, may move a few values by a level or more). Geometric ops interpolate
+    bilinearly at the same coordinates with the same per-neighbour fill as TF, so only float32
+    rounding of the coordinates (about 1e-5 pixel, times a gradient of at most 255 levels per
+    pixel) separates them: at most 0.05 levels anywhere; a half-pixel shift, another fill value or
+    a fill rule per output pixel moves edge pixels by tens of levels."""
     index = device_ops.OPERATION_NAMES.index(name)
     batch = len(images)
     for level, sign in [(0.9, 1.0), (0.9, -1.0), (0.37, 1.0), (1.0, -1.0)]:
         expected = np.stack([_host_operation(image, index, level, sign) for image in images])
-        actual = np.asarray(
-            apply_operation(images, np.full(batch, index), np.full(batch, level, np.float32), np.full(batch, sign, np.float32))
-        )
+        levels, signs = np.full(batch, level, np.float32), np.full(batch, sign, np.float32)
+        actual = np.asarray(apply_operation(images, np.full(batch, index), levels, signs))
         assert np.abs(expected - images).mean() > 0.5, "the case leaves the images as they are"
         diff = np.abs(actual - expected)
         if name in GEOMETRIC:
             assert diff.max() <= 0.05, (name, level, sign, diff.max())
         else:
-            assert diff.mean() <= 1.0 and (diff > 1.0).mean() <= 0.01, (name, level, sign, diff.mean())
+            assert diff.mean() <= 1.0 and (diff > 0.5).mean() <= 0.01, (name, level, sign, diff.mean())
 
 
 def test_geometric_operations_fill_with_timms_imagenet_mean(images, apply_operation):
@@ -75,7 +77,8 @@ def test_geometric_operations_fill_with_timms_imagenet_mean(images, apply_operat
     shifted = np.asarray(apply_operation(images, np.full(4, index), np.ones(4, np.float32), np.ones(4, np.float32)))
     shift = 0.45 * SIZE[1]  # level 1: output column x reads input column x + shift
     uncovered = shifted[:, :, math.ceil(SIZE[1] - shift) :]
-    np.testing.assert_array_equal(uncovered, np.broadcast_to(np.array([124.0, 116.0, 104.0], np.float32), uncovered.shape))
+    fill = np.broadcast_to(np.array([124.0, 116.0, 104.0], np.float32), uncovered.shape)
+    np.testing.assert_array_equal(uncovered, fill)
     np.testing.assert_allclose(shifted[:, :, :10], 0.4 * images[:, :, 21:31] + 0.6 * images[:, :, 22:32], atol=1e-3)
 
 
@@ -138,9 +141,10 @@ def test_randaug_applies_the_drawn_operations_in_order(images, apply_operation):
 def test_value_range_and_normalize_are_the_host_ops(images):
     originals = images.round().astype(np.uint8)
     keys = device_ops.example_keys(jax.random.key(0), 0, jnp.arange(len(images)))
-    for pp in (EVAL_PP, "value_range(-1,1)", "value_range(0,1)|normalize((0.5,0.5,0.5),(0.2,0.3,0.4))"):
+    for pp in (device_ops.EVAL_PP, "value_range(-1,1)", "value_range(0,1)|normalize((0.5,0.5,0.5),(0.2,0.3,0.4))"):
         host = registry.build(pp)
-        expected = np.stack([host({"image": tf.constant(image, tf.float32)}, tf.constant([0, 0], tf.int64))["image"].numpy() for image in originals])
+        seed = tf.constant([0, 0], tf.int64)
+        expected = [host({"image": tf.constant(image, tf.float32)}, seed)["image"].numpy() for image in originals]
         actual = np.asarray(jax.jit(device_ops.build(pp))(originals, keys))
         assert actual.dtype == np.float32
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
@@ -171,7 +175,8 @@ def test_erase_boxes_are_drawn_as_the_host_draws_them():
     assert host["found"] == 1 and device["found"] == 1
     assert abs(host["area"] - device["area"]) <= 4 * 0.09 * standard_error, (host, device)
     assert abs(host["log_aspect"] - device["log_aspect"]) <= 4 * 0.69 * standard_error, (host, device)
-    assert abs(device["area"] - (0.02 + 1 / 3) / 2) <= 0.01 and abs(device["log_aspect"] - math.log(0.3 * 3.3) / 2) <= 0.05
+    assert abs(device["area"] - (0.02 + 1 / 3) / 2) <= 0.01
+    assert abs(device["log_aspect"] - math.log(0.3 * 3.3) / 2) <= 0.05
 
 
 def test_random_erase_puts_one_box_of_standard_normal_noise_in_a_quarter_of_the_images():
@@ -189,12 +194,14 @@ def test_random_erase_puts_one_box_of_standard_normal_noise_in_a_quarter_of_the_
         assert 0.02 * 0.7 <= h * w / math.prod(ERASE_SHAPE) <= 1 / 3 * 1.3 and 0.3 * 0.6 <= h / w <= 3.3 / 0.6
     noise = erased[changed]
     assert abs(noise.mean()) <= 0.02 and abs(noise.std() - 1) <= 0.02
+    normal_tails = 2 * (1 - _normal_cdf(2.0))
+    assert abs((np.abs(noise) > 2).mean() - normal_tails) <= 0.01
 
 
 @pytest.fixture(scope="module")
 def augment_step():
     """The training augmentation as the train step calls it: keys from (seed, step, row indices)."""
-    augment = device_ops.build(TRAIN_PP)
+    augment = device_ops.build(device_ops.TRAIN_PP)
     return lambda images, base_key, step, indices: augment(images, device_ops.example_keys(base_key, step, indices))
 
 
@@ -212,7 +219,8 @@ def test_the_augmented_batch_is_the_same_on_one_and_on_eight_devices(augment_ste
     )
     assert len(mesh.devices) == 8 and sharded.addressable_shards[0].data.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(sharded), one)
-    normalised = np.asarray(jax.jit(device_ops.build(EVAL_PP))(images, device_ops.example_keys(base_key, 3, indices)))
+    keys = device_ops.example_keys(base_key, 3, indices)
+    normalised = np.asarray(jax.jit(device_ops.build(device_ops.EVAL_PP))(images, keys))
     assert (np.abs(one - normalised) > 1e-3).mean() > 0.1, "the batch is hardly augmented"
 
 
@@ -228,7 +236,8 @@ def test_an_example_is_augmented_by_seed_step_and_index_alone(augment_step):
 
 
 def test_bad_strings_and_inputs_fail_early_and_say_what_to_do():
-    with pytest.raises(ValueError, match="unknown device op 'blur'.*normalize, randaug, random_erase, value_range"):
+    known = "known ops: normalize, randaug, random_erase, value_range"
+    with pytest.raises(ValueError, match=f"unknown device op 'blur'.*{known}"):
         device_ops.build("randaug|blur")
     with pytest.raises(ValueError, match="empty"):
         device_ops.build(" | ")
@@ -236,7 +245,9 @@ def test_bad_strings_and_inputs_fail_early_and_say_what_to_do():
         device_ops.build("randaug(2, 11)")
     with pytest.raises(ValueError, match="bad arguments"):
         device_ops.build("normalize(1, 2, 3)")
-    augment = device_ops.build(EVAL_PP)
+    with pytest.raises(ValueError, match="cannot parse device op"):
+        device_ops.build("randaug(2,")
+    augment = device_ops.build(device_ops.EVAL_PP)
     keys = device_ops.example_keys(jax.random.key(0), 0, jnp.arange(2))
     with pytest.raises(ValueError, match="uint8"):
         augment(np.zeros((2, 8, 8, 3), np.float32), keys)
@@ -246,11 +257,18 @@ def test_bad_strings_and_inputs_fail_early_and_say_what_to_do():
 
 def test_the_device_ops_take_the_host_ops_arguments_and_constants():
     """The same op string means the same on either side."""
-    host_factories = {"randaug": ops.randaug_op, "value_range": ops.value_range, "normalize": ops.normalize, "random_erase": ops.random_erase}
+    host_factories = {
+        "randaug": ops.randaug_op,
+        "value_range": ops.value_range,
+        "normalize": ops.normalize,
+        "random_erase": ops.random_erase,
+    }
     for name, factory in host_factories.items():
-        assert inspect.signature(getattr(device_ops, name)).parameters.keys() == inspect.signature(factory).parameters.keys()
-        device_defaults = [p.default for p in inspect.signature(getattr(device_ops, name)).parameters.values()]
-        assert device_defaults == [p.default for p in inspect.signature(factory).parameters.values()], name
+        device_parameters = inspect.signature(getattr(device_ops, name)).parameters
+        host_parameters = inspect.signature(factory).parameters
+        assert [(p.name, p.default) for p in device_parameters.values()] == [
+            (p.name, p.default) for p in host_parameters.values()
+        ], name
     assert device_ops.OPERATION_NAMES == randaug.OPERATION_NAMES
     assert (device_ops.FILL_RGB, device_ops.MAX_MAGNITUDE, device_ops.APPLY_PROBABILITY) == (
         randaug.FILL_RGB,

@@ -10,14 +10,15 @@ global example index): an example is augmented alike on any mesh and after a res
 The ops compute what the host's TensorFlow ops of the same names compute (data/ops.py,
 data/randaug.py: timm's rand-m9-mstd0.5-inc1 and random erasing in mode "pixel"); the tests compare
 them op by op. dm-pix does what it has: the bilinear interpolation of Rotate, ShearX/Y and
-TranslateX/YRel (`dm_pix.flat_nd_linear_interpolate_constant`; see `affine`), Solarize (`dm_pix.solarize`) and the luma of Color and Contrast
-(`dm_pix.rgb_to_grayscale`). The rest is written here because dm-pix's ops of similar names compute
-something else than the PIL operations timm applies: its adjust_brightness adds where PIL
-multiplies, its adjust_contrast blends each channel with that channel's mean where PIL blends with
-the mean luma, its adjust_saturation works in HSV where PIL blends with the luma; and it has no
-AutoContrast, Equalize, Invert, Posterize, SolarizeAdd, PIL's smoothing kernel for Sharpness,
-random erasing or normalisation. This module imports no TensorFlow, so it repeats the few
-constants it shares with the host ops (the tests check that they agree).
+TranslateX/YRel (`dm_pix.flat_nd_linear_interpolate_constant`; see `affine`), Solarize
+(`dm_pix.solarize`) and the luma of Color and Contrast (`dm_pix.rgb_to_grayscale`). The rest is
+written here because dm-pix's ops of similar names compute something else than the PIL operations
+timm applies: its adjust_brightness adds where PIL multiplies, its adjust_contrast blends each
+channel with that channel's mean where PIL blends with the mean luma, its adjust_saturation works
+in HSV where PIL blends with the luma; and it has no AutoContrast, Equalize, Invert, Posterize,
+SolarizeAdd, PIL's smoothing kernel for Sharpness, random erasing or normalisation. This module
+imports no TensorFlow, so it repeats the few constants it shares with the host ops (the tests check
+that they agree).
 """
 import math
 from typing import Callable, NamedTuple
@@ -26,7 +27,7 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
-from shunted_jax.data.pp_syntax import parse_call, split_specs
+from shunted_jax.data.pp_syntax import parse_ops
 
 MAX_MAGNITUDE = 10.0
 APPLY_PROBABILITY = 0.5
@@ -34,6 +35,9 @@ APPLY_PROBABILITY = 0.5
 FILL_RGB = (124.0, 116.0, 104.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The official (DeiT, timm) recipe's device part, for training and for evaluation.
+TRAIN_PP = "randaug(2,9,0.5)|value_range(0,1)|normalize|random_erase(0.25)"
+EVAL_PP = "value_range(0,1)|normalize"
 
 ImageOp = Callable[[jax.Array, jax.Array], jax.Array]
 """(float32 H x W x 3 image, key) -> float32 H x W x 3 image."""
@@ -127,8 +131,6 @@ def sharpness(image, factor):
 
 # --- RandAugment's geometric operations: one affine warp ---
 
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
 
 def affine(image, transform):
     """Bilinear warp by `transform` = (a0, a1, a2, a3, a4, a5): output pixel (x, y) reads input
@@ -149,12 +151,15 @@ def affine(image, transform):
     coordinates = jnp.stack([a3 * x + a4 * y + (a5 + 1.0), a0 * x + a1 * y + (a2 + 1.0)])
     fill = jnp.asarray(FILL_RGB, image.dtype)
     padded = jnp.pad(image - fill, ((1, 1), (1, 1), (0, 0)))
-    interpolate = lambda channel: pix.flat_nd_linear_interpolate_constant(channel, coordinates, cval=0.0)  # noqa: E731
+
+    def interpolate(channel):
+        return pix.flat_nd_linear_interpolate_constant(channel, coordinates, cval=0.0)
+
     return jax.vmap(interpolate, in_axes=-1, out_axes=-1)(padded) + fill
 
 
 def rotation(degrees, height, width):
-    """Counter-clockwise rotation about the image centre."""
+    """The transform of a counter-clockwise rotation by `degrees` about the image centre."""
     center_y, center_x = (height - 1) / 2, (width - 1) / 2
     angle = degrees * (math.pi / 180.0)
     cos, sin = jnp.cos(angle), jnp.sin(angle)
@@ -164,6 +169,7 @@ def rotation(degrees, height, width):
 
 
 def _transform(a0=1.0, a1=0.0, a2=0.0, a3=0.0, a4=1.0, a5=0.0):
+    """The six values of an affine transform as `affine` reads them; the identity by default."""
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in (a0, a1, a2, a3, a4, a5)])
 
 
@@ -264,11 +270,13 @@ def randaug(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True) -> Im
     if num_layers < 0 or magnitude_std < 0:
         raise ValueError("randaug needs num_layers >= 0 and magnitude_std >= 0.")
     num_layers, magnitude, magnitude_std = int(num_layers), float(magnitude), float(magnitude_std)
+    increasing = bool(increasing)
 
     def op(image, key):
         draws = draw_layers(key, num_layers, magnitude, magnitude_std)
         for layer in range(num_layers):
-            augmented = apply_operation(image, draws.index[layer], draws.level[layer], draws.sign[layer], bool(increasing))
+            index, level, sign = draws.index[layer], draws.level[layer], draws.sign[layer]
+            augmented = apply_operation(image, index, level, sign, increasing)
             image = jnp.where(draws.applied[layer], augmented, image)
         return image
 
@@ -291,7 +299,8 @@ def erase_box(key, height: int, width: int, area=(0.02, 1 / 3), aspect=(0.3, 3.3
     h / w in `aspect`; the first of `attempts` draws that fits strictly inside wins, and none may fit."""
     area_key, aspect_key, offset_key = jax.random.split(key, 3)
     target = height * width * jax.random.uniform(area_key, (attempts,), minval=area[0], maxval=area[1])
-    ratio = jnp.exp(jax.random.uniform(aspect_key, (attempts,), minval=math.log(aspect[0]), maxval=math.log(aspect[1])))
+    log_ratio = jax.random.uniform(aspect_key, (attempts,), minval=math.log(aspect[0]), maxval=math.log(aspect[1]))
+    ratio = jnp.exp(log_ratio)
     box_h = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
     box_w = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
     fits = (box_h < height) & (box_w < width)
@@ -329,19 +338,7 @@ _OPS: dict[str, Callable[..., ImageOp]] = {
 
 def parse(pp: str) -> list[tuple[str, ImageOp]]:
     """The "|"-separated device ops of `pp` as (spec, op); unknown names and bad arguments fail here."""
-    specs = split_specs(pp)
-    if not specs:
-        raise ValueError("the device op string is empty; for evaluation use 'value_range(0,1)|normalize'.")
-    parsed = []
-    for spec in specs:
-        name, args, kwargs = parse_call(spec)
-        if name not in _OPS:
-            raise ValueError(f"unknown device op {name!r} in {pp!r}; device ops: {', '.join(sorted(_OPS))}.")
-        try:
-            parsed.append((spec, _OPS[name](*args, **kwargs)))
-        except TypeError as err:
-            raise ValueError(f"bad arguments for device op {spec!r}: {err}.") from err
-    return parsed
+    return parse_ops(pp, _OPS, "device", EVAL_PP)
 
 
 def build(pp: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
