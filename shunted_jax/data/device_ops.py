@@ -249,6 +249,7 @@ class LayerDraws(NamedTuple):
 
 
 def draw_layers(key, num_layers: int, magnitude: float, magnitude_std: float) -> LayerDraws:
+    """timm's draws: an operation uniformly (with replacement), the gate, the magnitude, the sign."""
     choice_key, gate_key, level_key, sign_key = jax.random.split(key, 4)
     shape = (num_layers,)
     noise = jax.random.normal(level_key, shape, jnp.float32) * magnitude_std
