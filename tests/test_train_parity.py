@@ -43,8 +43,8 @@ def model_fields(meta) -> dict:
     if "num_conv" in kwargs:
         fields["num_conv"] = kwargs["num_conv"]
     if "linear" in kwargs:
-        fields.update(attention="linear_sra", ffn="pvt_linear") if kwargs["linear"] else \
-            fields.update(attention="sra", ffn="pvt")
+        linear = kwargs["linear"]
+        fields.update(attention="linear_sra" if linear else "sra", ffn="pvt_linear" if linear else "pvt")
     return fields
 
 
@@ -57,6 +57,8 @@ def to_flax(state_dict, meta, dtype) -> dict:
 def fixture_config(meta):
     """train.py's ImageNet config for the fixture: its model in float64, its AdamW settings and
     clipping, label smoothing, mixup/CutMix and drop path off."""
+    if meta["clip"] and meta["clip_epsilon"] != 1e-6:
+        raise ValueError(f"clipping here divides by the norm + 1e-6, the fixture by + {meta['clip_epsilon']}")
     config = common.imagenet_config(meta["model"], drop_path_rate=0.0, grad_clip_norm=meta["clip"] or 0.0)
     config.model.update({**model_fields(meta), "dtype": "float64", "param_dtype": "float64"})
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
