@@ -18,10 +18,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common  # noqa: E402
-from shunted_jax import models  # noqa: E402
 from shunted_jax.convert import torch_to_flax  # noqa: E402
 from shunted_jax.train import optim, sharding, step  # noqa: E402
-from shunted_jax.train.state import TrainState  # noqa: E402
+from shunted_jax.train import state as train_state  # noqa: E402
 
 FIXTURES = sorted(DATA_DIR.glob("train_*.npz"))
 NOT_STATE = {"images", "labels", "lrs", "loss_fp64", "logits_fp64", "grad_norm_fp64", "meta"}
@@ -44,8 +43,8 @@ def model_fields(meta) -> dict:
     if "num_conv" in kwargs:
         fields["num_conv"] = kwargs["num_conv"]
     if "linear" in kwargs:
-        fields.update(attention="linear_sra", ffn="pvt_linear") if kwargs["linear"] else \
-            fields.update(attention="sra", ffn="pvt")
+        linear = kwargs["linear"]
+        fields.update(attention="linear_sra" if linear else "sra", ffn="pvt_linear" if linear else "pvt")
     return fields
 
 
@@ -55,15 +54,25 @@ def to_flax(state_dict, meta, dtype) -> dict:
     return jax.tree.map(lambda a: np.asarray(a, dtype), variables)
 
 
-def build_train_step(model, meta, variables):
-    """train.py's step and optimizer (`make_optimizer`, `make_train_step`) on one CPU device, with
-    the fixture's learning rate at each step, its clipping and AdamW settings, mixup/CutMix off.
-    Returns (initial state, jitted step)."""
+def fixture_config(meta):
+    """train.py's ImageNet config for the fixture: its model in float64, its AdamW settings and
+    clipping, label smoothing, mixup/CutMix and drop path off."""
+    if meta["clip"] and meta["clip_epsilon"] != 1e-6:
+        raise ValueError(f"clipping here divides by the norm + 1e-6, the fixture by + {meta['clip_epsilon']}")
     config = common.imagenet_config(meta["model"], drop_path_rate=0.0, grad_clip_norm=meta["clip"] or 0.0)
+    config.model.update({**model_fields(meta), "dtype": "float64", "param_dtype": "float64"})
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     config.label_smoothing = meta["label_smoothing"]
     config.optimizer.update({"b1": meta["betas"][0], "b2": meta["betas"][1], "eps": meta["eps"],
                              "weight_decay": meta["weight_decay"]})
+    return config
+
+
+def build_train_step(config, meta, variables):
+    """train.py's model, optimizer and jitted step (`create_model`, `make_optimizer`,
+    `make_train_step`) on one CPU device, with the fixture's learning rate at each step.
+    Returns (initial state, jitted step)."""
+    model = train_state.create_model(config.model, meta["num_classes"])
     lrs = jnp.asarray(meta["lrs"], jnp.float64)
 
     def schedule(count):
@@ -72,8 +81,8 @@ def build_train_step(model, meta, variables):
     tx = optim.make_optimizer(config.optimizer, schedule)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
     state_sharding = sharding.state_sharding(state, mesh)
     train_step = step.make_train_step(model, config, tx, schedule, mesh, state_sharding, meta["num_classes"], {})
     return jax.device_put(state, state_sharding), train_step
@@ -90,11 +99,9 @@ def max_difference(ours: dict, official: dict) -> tuple:
 def test_float64_training_steps_match_official(path):
     arrays, meta = load(path)
     with jax.enable_x64(True):
-        model = models.create(meta["model"], num_classes=meta["num_classes"], dtype=jnp.float64,
-                              param_dtype=jnp.float64, **model_fields(meta))
         initial = to_flax({k: v for k, v in arrays.items() if k not in NOT_STATE and "/" not in k}, meta,
                           np.float64)
-        state, train_step = build_train_step(model, meta, initial)
+        state, train_step = build_train_step(fixture_config(meta), meta, initial)
         loss_differences, grad_norm_differences = [], []
         for k in range(meta["steps"]):
             batch = {"image": jnp.asarray(arrays["images"][k].transpose(0, 2, 3, 1), jnp.float64),
