@@ -120,7 +120,8 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
     manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
     model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
     if manager.latest_step() is not None:
-        train_state = checkpoint.restore(manager, checkpoint.abstract_like(train_state, state_sharding), model_meta)
+        abstract_state = checkpoint.abstract_like(train_state, state_sharding)
+        train_state = checkpoint.restore(manager, abstract_state, model_meta)
         logging.info("resumed from %s at step %d", manager.directory, int(train_state.step))
     elif eval_only:
         raise FileNotFoundError(f"no checkpoint to evaluate in {manager.directory}")
@@ -145,7 +146,8 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                 train_state, step_metrics = train_step(train_state, batch)
                 pending.append((step_number, step_metrics))
                 preempted = preemption.requested(step_number)
-                save_now = preempted or step_number == total_steps or step_number % config.checkpoint.every_steps == 0
+                last = step_number == total_steps
+                save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
                 if save_now or step_number % log_every == 0:
                     means = read_checked(pending)
                     pending = []

@@ -8,7 +8,8 @@ trained by `train.train_and_evaluate`, exactly as `train.py` would, in DIR/<labe
 metrics.jsonl gives the curves, its checkpoint the weights whose attention is drawn. DIR gets
 results.md (the table), results.json, curves.png, cost.png and attention_<label>.png.
 notebooks/ablations.ipynb calls the same functions: `variants` (what is compared), `run`
-(training and outputs), `results` (numbers and markdown), `attention` (attention maps), `plots`. Needs matplotlib (`pip install -e .[notebook]`).
+(training and outputs), `results` (numbers and markdown), `attention` (attention maps), `plots`.
+Needs matplotlib (`pip install -e .[notebook]`).
 """
 from shunted_jax.tools.ablate.attention import attention_probabilities, attention_rows, key_grid, trained_variables
 from shunted_jax.tools.ablate.results import (EVALUATOR, TABLE_COLUMNS, clean_intervals, results_table, run_summary,
