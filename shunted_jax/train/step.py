@@ -237,13 +237,13 @@ def parse_compiler_options(text: str) -> dict:
 
 
 def make_train_step(model, config, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh, state_sharding, num_classes: int) -> Callable:
+                    mesh, state_sharding, num_classes: int, compiler_options: dict) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
     `batch` is {"image": f32 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. Mixup/CutMix
     and label smoothing happen inside; randomness is `fold_in(key(config.seed), step)`, so it is
     the same on any mesh and after a resume. Metrics: loss, grad_norm, lr (replicated scalars).
-    XLA compiles it with `config.compiler_options` (see `parse_compiler_options`).
+    XLA compiles it with `compiler_options` (see `parse_compiler_options`).
     """
     base_key = jax.random.key(config.seed)
     mix = config.mixup
@@ -270,15 +270,16 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
     return jax.jit(train_step,
                    in_shardings=(state_sharding, batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)),
-                   donate_argnums=0, compiler_options=parse_compiler_options(config.compiler_options))
+                   donate_argnums=0, compiler_options=compiler_options)
 
 
 def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
     """(state, state_sharding, train_step): the optimiser on the recipe's schedule, the sharded
     initial state and the jitted step, exactly as `train.py` runs them."""
-    parse_compiler_options(config.compiler_options)  # a malformed option fails before the slow init
+    compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
     schedule = optim.schedule_from_config(config, steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, schedule)
     state, sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,
                                          keep_ema=config.ema_decay > 0)
-    return state, sharding, make_train_step(model, config, tx, schedule, mesh, sharding, num_classes)
+    train_step = make_train_step(model, config, tx, schedule, mesh, sharding, num_classes, compiler_options)
+    return state, sharding, train_step
