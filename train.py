@@ -15,18 +15,14 @@ from shunted_jax import train
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shunted_t.py:demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here; resumes from it.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate the latest checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or run the evaluators on the latest checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if flags.FLAGS.mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
-    else:
-        train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.mode == "eval")
 
 
 if __name__ == "__main__":

@@ -52,17 +52,17 @@ VARIANTS = (
 # left out of the throughput, so log more often than you evaluate.
 SETTINGS = {
     # What the tests execute: compile-bound, a few seconds of training per variant.
-    "small": {"data.image_size": 64, "data.eval_split": "test[:200]",
+    "small": {"data.image_size": 64, "evals.val.split": "test[:200]",
               "global_batch_size": 16, "eval_batch_size": 200, "num_train_steps": 12,
-              "optimizer.warmup_steps": 2, "log_every_steps": 3, "eval_every_steps": 6,
+              "optimizer.warmup_steps": 2, "log_every_steps": 3, "evals.val.every_steps": 6,
               "checkpoint.every_steps": 1000},
     # 2 CPU cores, 22 minutes for all seven: 12,800 images (a fifth of an epoch) each, at the demo's
     # peak learning rate (2e-3). Small batches: on a CPU they train more images per second.
     "demo": {"data.image_size": 64, "global_batch_size": 32, "eval_batch_size": 1000,
              "num_train_steps": 400, "optimizer.base_lr": 0.032, "optimizer.warmup_steps": 40,
-             "log_every_steps": 10, "eval_every_steps": 100, "checkpoint.every_steps": 1000},
+             "log_every_steps": 10, "evals.val.every_steps": 100, "checkpoint.every_steps": 1000},
     # A GPU / TPU runtime: 10 epochs at 96 px (grids 24/12/6/3) on every test image.
     "full": {"data.image_size": 96, "global_batch_size": 256, "eval_batch_size": 1000,
              "num_epochs": 10.0, "optimizer.warmup_epochs": 0.5, "log_every_steps": 50,
-             "eval_every_epochs": 1.0, "checkpoint.every_steps": 2000},
+             "evals.val.every_epochs": 1.0, "checkpoint.every_steps": 2000},
 }

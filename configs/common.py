@@ -1,22 +1,50 @@
 """Fields shared by every config: the official ImageNet recipe, and the Fashion-MNIST demo.
 
-Config files call `imagenet_config(...)` and, for the ":demo" argument, `to_demo(...)`; then lock.
+Config files parse their argument with `parse_arg`, call `imagenet_config(...)` and, for the
+":demo" argument, `to_demo(...)`; then lock.
 """
 import ml_collections
 
 from shunted_jax import data, models
+from shunted_jax.data import config as data_config
 
 DEMO_PP_TRAIN = "decode|resize({image_size})|flip_lr|value_range(0,1)|normalize"
 DEMO_PP_EVAL = "decode|resize({image_size})|value_range(0,1)|normalize"
 
 
-def parse_arg(arg: str | None) -> dict:
-    """'demo' -> {'demo': True}; 'variant=b2,demo' -> {'variant': 'b2', 'demo': True}."""
-    parsed = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        parsed[key.strip()] = value.strip() if value else True
-    return parsed
+def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.ConfigDict:
+    """The config file's argument, e.g. 'variant=b2,demo', checked against its declared keys.
+
+    `spec` maps each key to its default: a bool is a flag ('demo' alone means demo=True), a tuple
+    lists the allowed values (the first is the default), any other value gives the type the string
+    converts to. An unknown key or value fails at once, naming the valid ones.
+    """
+    parsed = {key: default[0] if isinstance(default, tuple) else default for key, default in spec.items()}
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, has_value, value = (part.strip() for part in item.partition("="))
+        if key not in spec:
+            valid = ", ".join(sorted(spec)) or "none: it takes no argument"
+            raise ValueError(f"{config_file}: unknown argument {key!r}; valid arguments: {valid}")
+        default = spec[key]
+        if isinstance(default, tuple):
+            if value not in default:
+                raise ValueError(f"{config_file}: unknown {key} {value!r}; choose one of {', '.join(default)}")
+            parsed[key] = value
+        elif isinstance(default, bool):
+            if has_value and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{config_file}: {key} is a flag: give {key} alone, or {key}=true / false")
+            parsed[key] = not has_value or value.lower() in ("true", "1")
+        else:
+            parsed[key] = type(default)(value)
+    return ml_collections.ConfigDict(parsed)
+
+
+def evaluator(pp: str, *, dataset: str = "", split: str = "", every_steps: int = -1,
+              every_epochs: float = 1.0) -> ml_collections.ConfigDict:
+    """One entry of config.evals (shunted_jax.train.evaluators): dataset "" is the training data's,
+    split "" the first of validation/val/test it has; every_steps > 0 wins over every_epochs."""
+    return ml_collections.ConfigDict({"dataset": dataset, "split": split, "pp": pp,
+                                      "every_steps": every_steps, "every_epochs": every_epochs})
 
 
 def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: float = 0.0):
@@ -26,18 +54,17 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.model = ml_collections.ConfigDict(
         {"name": model_name, **models.model_fields(model_name), "drop_path_rate": drop_path_rate,
          # "auto": on a GPU, the Pallas kernels for up to 64 keys and cuDNN for larger attentions (exact elsewhere).
-         # Blocks per scan iteration; 64 unrolls every stage. Together, on an H100: 1.9x the
-         # train step of the scanned exact model, for a longer first compile (BENCHMARKS.md).
-         # The demo scans (compiles fast on a CPU).
          # depthwise "auto": the Pallas kernels on one GPU (XLA's conv elsewhere), which need no
          # autotuning: a 25-50% shorter cold train-step compile, and no slow autotuned pick.
          "dtype": "bfloat16", "attention_impl": "auto", "depthwise_impl": "auto", "scan_unroll": 64})
     # XLA options for every jitted program of a run, "name=value ..." as in XLA_FLAGS. XLA:GPU's
-    # Triton normalisation rewriter made its fusion pass take 34 s of a 127 s cold train-step
-    # compile (6 min unrolled) and gained no speed (BENCHMARKS.md); other backends lack the pass.
+    # Triton normalisation rewriter lengthens the train step's compile and gains no speed
+    # (BENCHMARKS.md); other backends lack the pass.
     config.compiler_options = "xla_disable_hlo_passes=triton-softmax-rewriter"
 
     config.data = data.default_config()
+    for field in data_config.EVAL_FIELDS:  # each evaluator names its own
+        del config.data[field]
     config.data.name = "imagenet2012"
     config.data.image_size = 224
     config.data.repeated_aug = 3
@@ -66,8 +93,8 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     config.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "asynchronous": True})
     config.log_every_steps = 100
-    config.eval_every_steps = -1
-    config.eval_every_epochs = 1.0
+    # Evaluation sets by name, each logged as name/top1, ...; config.eval_batch_size for all of them.
+    config.evals = ml_collections.ConfigDict({"val": evaluator(data_config.DEFAULT_PP_EVAL)})
     config.init_from = ""  # a checkpoint converted by shunted_jax.convert, for fine-tuning
     config.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto_detect": False})
@@ -81,7 +108,7 @@ def to_demo(config, model_overrides: dict):
     config.data.image_size = 32
     config.data.repeated_aug = 1
     config.data.pp_train = DEMO_PP_TRAIN
-    config.data.pp_eval = DEMO_PP_EVAL
+    config.evals = ml_collections.ConfigDict({"val": evaluator(DEMO_PP_EVAL)})
     config.global_batch_size = 128
     config.eval_batch_size = 1000
     config.num_epochs = 1.0
@@ -90,5 +117,4 @@ def to_demo(config, model_overrides: dict):
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     config.checkpoint.every_steps = 500
     config.log_every_steps = 50
-    config.eval_every_epochs = 1.0
     return config

@@ -11,10 +11,8 @@ VARIANTS = {"b0": (0.1, 0.0), "b1": (0.1, 0.0), "b2": (0.1, 0.0), "b2_li": (0.1,
             "b3": (0.3, 1.0), "b4": (0.3, 1.0), "b5": (0.3, 1.0)}
 
 
-def get_config(arg="variant=b0"):
-    variant = common.parse_arg(arg).get("variant", "b0")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown PVTv2 variant {variant!r}; choose one of {sorted(VARIANTS)}")
+def get_config(arg=None):
+    variant = common.parse_arg(arg, __file__, variant=tuple(VARIANTS)).variant
     drop_path_rate, grad_clip_norm = VARIANTS[variant]
     config = common.imagenet_config(f"pvt_v2_{variant}", drop_path_rate=drop_path_rate,
                                     grad_clip_norm=grad_clip_norm)

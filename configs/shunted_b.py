@@ -7,7 +7,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    del arg  # one variant
+    common.parse_arg(arg, __file__)  # one variant, no demo
     config = common.imagenet_config("shunted_b", drop_path_rate=0.3, grad_clip_norm=1.0)
     config.lock()
     return config

@@ -14,9 +14,9 @@ DEMO_MODEL = {"embed_dims": (16, 32, 64, 96), "depths": (1, 1, 1, 1), "num_heads
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg)
+    args = common.parse_arg(arg, __file__, demo=False)
     config = common.imagenet_config("shunted_t", drop_path_rate=0.1)
-    if args.get("demo"):
+    if args.demo:
         common.to_demo(config, DEMO_MODEL)
     config.lock()
     return config

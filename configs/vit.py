@@ -12,13 +12,10 @@ VARIANTS = {"ti16": 0.1, "s16": 0.1}  # drop path rate, as DeiT-Ti / DeiT-S
 DEMO_MODEL = {"embed_dim": 96, "depth": 3, "num_heads": 2, "mlp_ratio": 2, "patch_size": 8}
 
 
-def get_config(arg="variant=ti16"):
-    args = common.parse_arg(arg)
-    variant = args.get("variant", "ti16")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ViT variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    config = common.imagenet_config(f"vit_{variant}", drop_path_rate=VARIANTS[variant])
-    if args.get("demo"):
+def get_config(arg=None):
+    args = common.parse_arg(arg, __file__, variant=tuple(VARIANTS), demo=False)
+    config = common.imagenet_config(f"vit_{args.variant}", drop_path_rate=VARIANTS[args.variant])
+    if args.demo:
         common.to_demo(config, DEMO_MODEL)
     config.lock()
     return config

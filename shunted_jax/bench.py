@@ -62,17 +62,16 @@ def _peak_memory_gib():
 
 
 def bench_train(config, model, batch: int, image_size: int, steps: int, profile_dir=None) -> dict:
-    from shunted_jax.train import sharding, step
+    from shunted_jax.train import step
 
     config.global_batch_size = batch
-    mesh = sharding.make_mesh(config.mesh)
-    setup = step.setup_training(model, config, mesh, image_size=image_size, num_classes=model.num_classes,
-                                steps_per_epoch=1000)
-    images = step.synthetic_batch(setup, batch, image_size, model.num_classes)
+    mesh = step.make_mesh(config.mesh)
+    state, _, train_step = step.init_training(config, model, mesh, image_size=image_size,
+                                              num_classes=model.num_classes, steps_per_epoch=1000)
+    images = step.synthetic_batch(mesh, batch, image_size, model.num_classes)
     start = time.perf_counter()
-    compiled = setup.train_step.lower(setup.state, images).compile()
+    compiled = train_step.lower(state, images).compile()
     compile_s = time.perf_counter() - start
-    state = setup.state
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, images)
     jax.block_until_ready(metrics)
@@ -92,7 +91,7 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
 
 def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict) -> dict:
     """The eval-mode forward, compiled with XLA `compiler_options` (`train.step.parse_compiler_options`)."""
-    from shunted_jax.train.state import initial_variables, run_on_host
+    from shunted_jax.train.step import initial_variables, run_on_host
 
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
     variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
@@ -122,8 +121,7 @@ def utilisation(images_per_s: float, macs_per_image: int, passes: int):
 
 
 def run(args) -> dict:
-    from shunted_jax.train.state import create_model
-    from shunted_jax.train.step import parse_compiler_options
+    from shunted_jax.train.step import create_model, parse_compiler_options
 
     overrides = parse_overrides(args.set)
     config = load_training_config(args.model)

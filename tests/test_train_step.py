@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import common, pvt_v2, shunted_t  # noqa: E402
 from shunted_jax import convert, models  # noqa: E402
-from shunted_jax.train import checkpoint, finetune, mixup, optim, sharding, state, step  # noqa: E402
+from shunted_jax.train import checkpoint, evaluators, finetune, mixup, optim, step  # noqa: E402
 
 TINY_MODEL = {"embed_dims": (16, 16, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2),
               "mlp_ratios": (2, 2, 2, 2)}
@@ -32,18 +32,21 @@ def tiny_config(pvt=False, **model_fields):
 
 
 def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
+    """(mesh, model, (state, state_sharding, train_step)) as the training loop builds them."""
     config.mesh.update({"data": mesh[0], "fsdp": mesh[1]})
-    model = state.create_model(config.model, num_classes)
-    return step.setup_training(model, config, sharding.make_mesh(config.mesh, devices),
-                               image_size=IMAGE_SIZE, num_classes=num_classes, steps_per_epoch=10)
+    model = step.create_model(config.model, num_classes)
+    device_mesh = step.make_mesh(config.mesh, devices)
+    return device_mesh, model, step.init_training(config, model, device_mesh, image_size=IMAGE_SIZE,
+                                                  num_classes=num_classes, steps_per_epoch=10)
 
 
-def train(setup, num_steps):
+def train(built, num_steps):
     """Runs `num_steps` steps on one fixed synthetic batch; returns the final state and the losses."""
-    batch = step.synthetic_batch(setup, BATCH, IMAGE_SIZE, NUM_CLASSES)
-    train_state, losses = setup.state, []
+    mesh, _, (train_state, _, train_step) = built
+    batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
+    losses = []
     for _ in range(num_steps):
-        train_state, metrics = setup.train_step(train_state, batch)
+        train_state, metrics = train_step(train_state, batch)
         losses.append(float(metrics["loss"]))
     return train_state, losses
 
@@ -53,8 +56,8 @@ def runs():
     """Three steps of tiny Shunted-T on a (4, 2) data x FSDP mesh of 8 devices and on 1 device."""
     results = {}
     for name, devices, mesh in (("fsdp", jax.devices(), (4, 2)), ("single", jax.devices()[:1], (-1, 1))):
-        setup = build(tiny_config(), devices, mesh)
-        results[name] = (setup, *train(setup, 3))
+        built = build(tiny_config(), devices, mesh)
+        results[name] = (built, *train(built, 3))
     return results
 
 
@@ -70,8 +73,8 @@ def test_fsdp_mesh_and_single_device_give_the_same_losses(runs):
 
 
 def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
-    fsdp_setup, fsdp_state, _ = runs["fsdp"]
-    single_setup = runs["single"][0]
+    _, fsdp_state, _ = runs["fsdp"]
+    _, _, (single_state, single_sharding, _) = runs["single"][0]
     meta = {"model": {"name": "shunted_t"}}
     config = tiny_config().checkpoint
     manager = checkpoint.make_checkpoint_manager(tmp_path, config)
@@ -82,7 +85,7 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     manager.reload()
     assert manager.latest_step() == 3
 
-    abstract = checkpoint.abstract_like(single_setup.state, single_setup.state_sharding)
+    abstract = checkpoint.abstract_like(single_state, single_sharding)
     restored = checkpoint.restore(manager, abstract, meta)
     assert restored.params["head"]["kernel"].sharding.mesh.devices.size == 1
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(fsdp_state)):
@@ -113,9 +116,9 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 def test_ema_tracks_the_weights_and_is_what_eval_uses():
     config = tiny_config(pvt=True)
     config.ema_decay = 0.5
-    setup = build(config, jax.devices()[:1])
-    initial = np.asarray(setup.state.params["head"]["kernel"])
-    train_state, _ = train(setup, 1)
+    built = build(config, jax.devices()[:1])
+    initial = np.asarray(built[2][0].params["head"]["kernel"])
+    train_state, _ = train(built, 1)
     trained = np.asarray(train_state.params["head"]["kernel"])
     assert not np.allclose(trained, initial)
     np.testing.assert_allclose(np.asarray(train_state.ema_params["head"]["kernel"]),
@@ -126,10 +129,11 @@ def test_ema_tracks_the_weights_and_is_what_eval_uses():
 def test_compiler_options_of_the_config_reach_xla(tmp_path):
     config = tiny_config(pvt=True)
     config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=(train|eval)_step"
-    setup = build(config, jax.devices()[:1])
-    batch = {**step.synthetic_batch(setup, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
-    setup.eval_step.lower(setup.state, batch).compile()
-    setup.train_step.lower(setup.state, batch).compile()
+    mesh, model, (train_state, state_sharding, train_step) = build(config, jax.devices()[:1])
+    eval_step = evaluators.from_config(config, model, mesh, state_sharding, 10)[0].eval_step
+    batch = {**step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
+    eval_step.lower(train_state, batch).compile()
+    train_step.lower(train_state, batch).compile()
     dumped = {path.name.split(".")[1] for path in tmp_path.iterdir() if path.name.startswith("module_")}
     assert {"jit_train_step", "jit_eval_step"} <= dumped
 
@@ -173,12 +177,12 @@ def test_weight_decay_goes_to_kernels_only_even_in_stacked_blocks():
 def test_fsdp_shards_the_largest_divisible_dim_but_not_the_depth_axis():
     block = (jax.tree_util.DictKey("block3"), jax.tree_util.DictKey("fc1"), jax.tree_util.DictKey("kernel"))
     plain = (jax.tree_util.DictKey("head"), jax.tree_util.DictKey("kernel"))
-    assert sharding.fsdp_spec(plain, (512, 1000), 4, 1) == jax.sharding.PartitionSpec(None, "fsdp")
-    assert sharding.fsdp_spec(block, (8, 64, 256), 4, 1) == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert sharding.fsdp_spec(block, (8, 3, 5), 4, 1) == jax.sharding.PartitionSpec("fsdp")
-    assert sharding.fsdp_spec(block, (3, 3, 5), 4, 1) == jax.sharding.PartitionSpec()
-    assert sharding.fsdp_spec(plain, (512, 1000), 4, 10 ** 6) == jax.sharding.PartitionSpec()
-    assert sharding.fsdp_spec(plain, (512, 1000), 1, 1) == jax.sharding.PartitionSpec()
+    assert step.fsdp_spec(plain, (512, 1000), 4, 1) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert step.fsdp_spec(block, (8, 64, 256), 4, 1) == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert step.fsdp_spec(block, (8, 3, 5), 4, 1) == jax.sharding.PartitionSpec("fsdp")
+    assert step.fsdp_spec(block, (3, 3, 5), 4, 1) == jax.sharding.PartitionSpec()
+    assert step.fsdp_spec(plain, (512, 1000), 4, 10 ** 6) == jax.sharding.PartitionSpec()
+    assert step.fsdp_spec(plain, (512, 1000), 1, 1) == jax.sharding.PartitionSpec()
 
 
 def test_cutmix_lambda_is_the_area_really_kept():
@@ -211,16 +215,16 @@ def test_mixup_blends_images_and_smoothed_targets_alike():
 
 
 def test_fine_tuning_keeps_the_weights_and_renews_a_head_of_another_size(runs, tmp_path):
-    source_setup, source_state, _ = runs["single"]
+    _, source_state, _ = runs["single"]
     convert.save_variables(jax.device_get(source_state.variables()), tmp_path / "converted", "shunted_t")
-    target = build(tiny_config(), jax.devices()[:1], num_classes=5)
-    loaded = finetune.load_pretrained(target.state, target.state_sharding, str(tmp_path / "converted"))
+    _, _, (target_state, target_sharding, _) = build(tiny_config(), jax.devices()[:1], num_classes=5)
+    loaded = finetune.load_pretrained(target_state, target_sharding, str(tmp_path / "converted"))
     np.testing.assert_array_equal(np.asarray(loaded.params["block1"]["mlp"]["fc1"]["kernel"]),
                                   np.asarray(source_state.params["block1"]["mlp"]["fc1"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(loaded.batch_stats["patch_embed1"]["bn_0"]["mean"]),
                                   np.asarray(source_state.batch_stats["patch_embed1"]["bn_0"]["mean"]))
     np.testing.assert_array_equal(np.asarray(loaded.params["head"]["kernel"]),
-                                  np.asarray(target.state.params["head"]["kernel"]))
+                                  np.asarray(target_state.params["head"]["kernel"]))
     assert loaded.params["head"]["kernel"].shape[-1] == 5
 
 

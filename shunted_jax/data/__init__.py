@@ -13,9 +13,10 @@ from typing import Iterator
 
 from shunted_jax.data import config as _config
 from shunted_jax.data import synthetic as _synthetic
-from shunted_jax.data.config import default_config
+from shunted_jax.data.config import default_config, steps_per_epoch, with_defaults
 
-__all__ = ["DatasetInfo", "dataset_info", "default_config", "eval_iterator", "train_iterator"]
+__all__ = ["DatasetInfo", "dataset_info", "default_config", "eval_iterator", "steps_per_epoch", "train_iterator",
+           "with_defaults"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ def _is_synthetic(cfg) -> bool:
 
 def dataset_info(cfg) -> DatasetInfo:
     """Sizes of the dataset cfg names; builds the demo dataset on first use."""
+    cfg = with_defaults(cfg)
     _config.validate(cfg)
     if _is_synthetic(cfg):
         return DatasetInfo(int(cfg.num_classes), int(cfg.num_train_examples), int(cfg.num_eval_examples), int(cfg.image_size))
@@ -46,6 +48,7 @@ def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_
 
     With start_step=k it yields exactly what an uninterrupted run yields from step k on.
     """
+    cfg = with_defaults(cfg)
     _config.validate(cfg)
     local_batch = _config.local_batch_size(global_batch_size, process_count)
     _check_process(process_index, process_count)
@@ -61,6 +64,7 @@ def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_
 def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
     """Finite {"image", "label", "mask": bool (B,)}: every evaluation example exactly once over all
     processes, padding masked out, the same number of batches on every process."""
+    cfg = with_defaults(cfg)
     _config.validate(cfg)
     local_batch = _config.local_batch_size(global_batch_size, process_count)
     _check_process(process_index, process_count)

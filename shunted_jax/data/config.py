@@ -14,6 +14,8 @@ DEFAULT_PP_TRAIN = (
 DEFAULT_PP_EVAL = "decode|resize_shorter({image_size},0.875)|center_crop({image_size})|value_range(0,1)|normalize"
 
 _ON_CORRUPT = ("skip", "fail")
+# A training config's data section leaves these out: each of its evaluators (config.evals) names its own.
+EVAL_FIELDS = ("eval_split", "pp_eval")
 
 
 def default_data_dir() -> str:
@@ -44,6 +46,14 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def with_defaults(cfg: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+    """A complete data config: default_config() with `cfg`'s fields, then `fields`, on top."""
+    complete = default_config()
+    complete.update(cfg)
+    complete.update(fields)
+    return complete
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Rejects values that would otherwise fail late and obscurely inside tf.data."""
     if not isinstance(cfg.name, str) or not cfg.name:
@@ -70,6 +80,19 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
             f"choose e.g. {max(1, global_batch_size // max(process_count, 1)) * max(process_count, 1)}."
         )
     return global_batch_size // process_count
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int, process_count: int) -> int:
+    """Full global batches in an epoch: each process makes full local batches from its share of the
+    training split (the few examples left over are dropped)."""
+    local_batch = local_batch_size(global_batch_size, process_count)
+    steps = (num_train // process_count) // local_batch
+    if steps == 0:
+        raise ValueError(
+            f"the training split has {num_train} examples, {num_train // process_count} per process: "
+            f"too few for one local batch of {local_batch}; lower the batch size."
+        )
+    return steps
 
 
 def format_pp(pp: str, cfg: ml_collections.ConfigDict) -> str:

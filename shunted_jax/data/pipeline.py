@@ -47,17 +47,6 @@ def _finalise(features: dict) -> dict:
     return {"image": tf.cast(features["image"], tf.float32), "label": tf.cast(features["label"], tf.int32)}
 
 
-def steps_per_epoch(num_train: int, local_batch: int, process_count: int) -> int:
-    """Full local batches every process can make from its share of the training split."""
-    steps = (num_train // process_count) // local_batch
-    if steps == 0:
-        raise ValueError(
-            f"the training split has {num_train} examples, {num_train // process_count} per process: "
-            f"too few for one local batch of {local_batch}; lower the batch size."
-        )
-    return steps
-
-
 @dataclasses.dataclass(frozen=True)
 class _TrainPlan:
     """What stays fixed across the epochs of one process's training iterator."""
@@ -96,7 +85,7 @@ def train_batches(cfg, local_batch: int, process_index: int, process_count: int,
     """Sets everything up now, so that bad input fails here rather than at the first batch."""
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
-    steps = steps_per_epoch(source.num_train, local_batch, process_count)
+    steps = config_lib.steps_per_epoch(source.num_train, local_batch * process_count, process_count)
     plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count)
     return _endless(plan, *divmod(start_step, steps))
 

@@ -47,6 +47,22 @@ def _architecture(model_fields: dict) -> dict:
     return {key: value for key, value in model_fields.items() if key not in EXECUTION_FIELDS}
 
 
+def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=None):
+    """The train state saved at `step` (the latest by default): the one way a checkpoint is read.
+
+    Into `target`'s shapes, dtypes and shardings when given (the loop's abstract state on its mesh),
+    else as saved, a dict of arrays on the first local device whatever mesh wrote it (for tools).
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    if target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        layout = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), layout)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
     """Restores the latest (or given) step into `abstract_state`'s shardings.
 
@@ -60,5 +76,4 @@ def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, st
         raise ValueError(f"checkpoint {manager.directory}/{step} was written for another model "
                          f"({describe_mismatch(expected, written)}); use a fresh --workdir "
                          "or config.init_from for fine-tuning")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+    return load_state(manager, step, abstract_state)

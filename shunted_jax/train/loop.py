@@ -1,6 +1,7 @@
-"""The training loop and the eval-only mode behind `train.py`."""
+"""The training loop behind `train.py`, one function from config to checkpoints, as big_vision's
+and Flax's imagenet example's: config -> mesh -> data -> model and state -> restore -> steps,
+with checkpoints and evaluations on the way."""
 import contextlib
-import dataclasses
 import json
 import pathlib
 import signal
@@ -12,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import checkpoint, evaluate, finetune, metrics, sharding, step, state
+from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,44 +51,6 @@ def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_ste
         raise ValueError(f"{what}={batch_size} must split into {accumulation_steps} micro-batch(es) "
                          f"each divisible by the {devices} devices of the mesh (and by {process_count} "
                          "process(es))")
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything built from a config before the first step."""
-    config: object
-    workdir: pathlib.Path
-    info: data.DatasetInfo
-    setup: step.TrainSetup
-    manager: object
-    model_meta: dict
-    steps_per_epoch: int
-    total_steps: int
-
-
-def build_run(config, workdir) -> Run:
-    """Validates the config against the devices and data, and builds model, state and checkpoints."""
-    initialize_distributed(config.distributed)
-    workdir = prepare_workdir(workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
-                     "global_batch_size")
-    check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
-    info = data.dataset_info(config.data)
-    steps_per_epoch = max(1, info.num_train_examples // config.global_batch_size)
-    model = state.create_model(config.model, info.num_classes)
-    setup = step.setup_training(model, config, mesh, image_size=info.image_size,
-                                num_classes=info.num_classes, steps_per_epoch=steps_per_epoch)
-    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
-    model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
-    return Run(config=config, workdir=workdir, info=info, setup=setup, manager=manager,
-               model_meta=model_meta, steps_per_epoch=steps_per_epoch,
-               total_steps=step.total_train_steps(config, steps_per_epoch))
-
-
-def restore_latest(run: Run):
-    abstract = checkpoint.abstract_like(run.setup.state, run.setup.state_sharding)
-    return checkpoint.restore(run.manager, abstract, run.model_meta)
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
@@ -130,91 +93,81 @@ def read_checked(pending: list) -> dict:
     return {key: float(np.mean([values[key] for values in host])) for key in host[-1]}
 
 
-def run_evaluation(run: Run, train_state, writer: metrics.MetricsWriter, step_number: int) -> dict:
-    batches = data.eval_iterator(run.config.data, global_batch_size=run.config.eval_batch_size,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
-    results = evaluate.evaluate(run.setup.eval_step, train_state, batches, run.setup.batch_sharding,
-                                jax.process_count())
-    writer.write("eval", step_number, results)
-    logging.info("eval at step %d: top1 %.4f top5 %.4f loss %.4f over %d examples", step_number,
-                 results["top1"], results["top5"], results["loss"], results["count"])
-    return results
+def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
+    """Trains (resuming from the workdir's latest checkpoint), evaluates and checkpoints; returns
+    {evaluator name: results} of the last evaluation, or {} when stopped early by preemption.
 
+    With `eval_only`, runs every evaluator once on the latest checkpoint instead of training.
+    """
+    initialize_distributed(config.distributed)
+    workdir = prepare_workdir(workdir)
+    mesh = step.make_mesh(config.mesh)
+    check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
+                     "global_batch_size")
+    check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
 
-def interval(steps: int, epochs: float, steps_per_epoch: int) -> int:
-    """An interval given in steps (>= 0) or else in epochs, at least one step."""
-    return max(1, steps if steps > 0 else round(epochs * steps_per_epoch))
+    info = data.dataset_info(config.data)
+    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
+                                           jax.process_count())
+    total_steps = optim.total_train_steps(config, steps_per_epoch)
 
+    model = step.create_model(config.model, info.num_classes)
+    train_state, state_sharding, train_step = step.init_training(
+        config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
+        steps_per_epoch=steps_per_epoch)
+    evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Trains (resuming from the workdir's latest checkpoint), evaluates, checkpoints; returns the
-    last eval results, or {} when stopped early by preemption."""
-    run = build_run(config, workdir)
-    if run.manager.latest_step() is not None:
-        train_state = restore_latest(run)
-        logging.info("resumed from %s at step %d", run.manager.directory, int(train_state.step))
+    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
+    model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
+    if manager.latest_step() is not None:
+        abstract_state = checkpoint.abstract_like(train_state, state_sharding)
+        train_state = checkpoint.restore(manager, abstract_state, model_meta)
+        logging.info("resumed from %s at step %d", manager.directory, int(train_state.step))
+    elif eval_only:
+        raise FileNotFoundError(f"no checkpoint to evaluate in {manager.directory}")
     elif config.init_from:
-        train_state = finetune.load_pretrained(run.setup.state, run.setup.state_sharding, config.init_from)
+        train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
         logging.info("initialised from %s", config.init_from)
-    else:
-        train_state = run.setup.state
-    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0)
-    try:
-        return _train(run, train_state, writer)
-    finally:
-        run.manager.wait_until_finished()
-        run.manager.close()
-        writer.close()
-
-
-def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
-    config = run.config
     start = int(jax.device_get(train_state.step))
-    batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  start_step=start)
-    log_every = max(1, config.log_every_steps)
-    eval_every = interval(config.eval_every_steps, config.eval_every_epochs, run.steps_per_epoch)
-    pending, results = [], {}
-    last_time, last_step = time.perf_counter(), start
-    with PreemptionWatcher() as preemption:
-        for step_number in range(start + 1, run.total_steps + 1):
-            batch = sharding.global_batch(next(batches), run.setup.batch_sharding, jax.process_count())
-            train_state, step_metrics = run.setup.train_step(train_state, batch)
-            pending.append((step_number, step_metrics))
-            preempted = preemption.requested(step_number)
-            last = step_number == run.total_steps
-            save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
-            if save_now or step_number % log_every == 0:
-                means = read_checked(pending)
-                pending = []
-                now = time.perf_counter()
-                seconds_per_step = (now - last_time) / (step_number - last_step)
-                images_per_second = config.global_batch_size / seconds_per_step
-                last_time, last_step = now, step_number
-                writer.write("train", step_number, {**means, "images_per_second": images_per_second,
-                                                    "epoch": step_number / run.steps_per_epoch})
-                logging.info(metrics.progress_line(step_number, run.total_steps, run.steps_per_epoch,
-                                                   means, images_per_second, seconds_per_step))
-            if save_now:
-                checkpoint.save(run.manager, train_state, run.model_meta)
-            if preempted:
-                logging.info("preemption requested: saved step %d and stopping", step_number)
-                return {}
-            if last or step_number % eval_every == 0:
-                results = run_evaluation(run, train_state, writer, step_number)
-    return results
 
-
-def evaluate_checkpoint(config, workdir) -> dict:
-    """Evaluates the latest checkpoint in `workdir` (the weights training would evaluate)."""
-    run = build_run(config, workdir)
-    if run.manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {run.manager.directory}")
-    train_state = restore_latest(run)
-    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0)
+    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        return run_evaluation(run, train_state, writer, int(jax.device_get(train_state.step)))
+        if eval_only:
+            return evaluators.run_all(evals, train_state, writer, start, total_steps, force=True)
+        batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      start_step=start)
+        log_every = max(1, config.log_every_steps)
+        pending, results = [], {}
+        last_time, last_step = time.perf_counter(), start
+        with PreemptionWatcher() as preemption:
+            for step_number in range(start + 1, total_steps + 1):
+                batch = step.global_batch(next(batches), mesh, jax.process_count())
+                train_state, step_metrics = train_step(train_state, batch)
+                pending.append((step_number, step_metrics))
+                preempted = preemption.requested(step_number)
+                last = step_number == total_steps
+                save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
+                if save_now or step_number % log_every == 0:
+                    means = read_checked(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    seconds_per_step = (now - last_time) / (step_number - last_step)
+                    images_per_second = config.global_batch_size / seconds_per_step
+                    last_time, last_step = now, step_number
+                    writer.write(evaluators.TRAIN_KIND, step_number,
+                                 {**means, "images_per_second": images_per_second,
+                                  "epoch": step_number / steps_per_epoch})
+                    logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
+                                                       images_per_second, seconds_per_step))
+                if save_now:
+                    checkpoint.save(manager, train_state, model_meta)
+                if preempted:
+                    logging.info("preemption requested: saved step %d and stopping", step_number)
+                    return {}
+                results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
+        return results
     finally:
-        run.manager.close()
+        manager.wait_until_finished()
+        manager.close()
         writer.close()

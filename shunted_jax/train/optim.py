@@ -28,6 +28,24 @@ def warmup_cosine_schedule(*, peak_lr: float, total_steps: int, warmup_steps: in
     return schedule
 
 
+def total_train_steps(config, steps_per_epoch: int) -> int:
+    """config.num_train_steps when set (>= 0), otherwise config.num_epochs x steps_per_epoch."""
+    if config.num_train_steps >= 0:
+        return config.num_train_steps
+    return max(1, round(config.num_epochs * steps_per_epoch))
+
+
+def schedule_from_config(config, steps_per_epoch: int) -> optax.Schedule:
+    """The recipe's schedule over the whole run: peak lr scaled by the global batch, warm-up in
+    steps or epochs."""
+    opt = config.optimizer
+    warmup = opt.warmup_steps if opt.warmup_steps >= 0 else round(opt.warmup_epochs * steps_per_epoch)
+    return warmup_cosine_schedule(
+        peak_lr=peak_learning_rate(opt.base_lr, config.global_batch_size),
+        total_steps=total_train_steps(config, steps_per_epoch), warmup_steps=warmup,
+        warmup_init_lr=opt.warmup_init_lr, min_lr=opt.min_lr)
+
+
 def weight_decay_mask(params):
     """True for leaves named `kernel`, so biases, norm scales and BatchNorm parameters are not decayed.
 

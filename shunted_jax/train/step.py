@@ -1,23 +1,183 @@
-"""The jitted train and eval steps, and `setup_training`, which builds everything a loop or a
-benchmark needs for one model, config and mesh.
+"""One train step, whole: the train state, where its arrays live on the device mesh, the loss and
+the jitted step. The recipe's other two pieces are `optim` (schedule, AdamW) and `mixup`.
 
-Benchmark use (times exactly the step training runs)::
+    state, state_sharding, train_step = init_training(config, model, mesh, image_size=224,
+                                                      num_classes=1000, steps_per_epoch=1251)
+    state, metrics = train_step(state, synthetic_batch(mesh, 1024, 224, 1000))   # state is donated
 
-    setup = setup_training(model, config, mesh, image_size=224, num_classes=1000, steps_per_epoch=1251)
-    batch = synthetic_batch(setup, config.global_batch_size, 224, 1000)
-    state, metrics = setup.train_step(setup.state, batch)   # state is donated: keep the returned one
+`train.loop` and `bench` both build the step with `init_training`, so a benchmark times the step
+training runs.
 """
-import dataclasses
+import math
+import re
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from shunted_jax.train import mixup, optim, sharding
-from shunted_jax.train.state import TrainState, create_train_state
+from shunted_jax import models
+from shunted_jax.train import mixup, optim
 
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `batch_stats` is {} for models without BatchNorm (PVTv2);
+    `ema_params` is None unless an exponential moving average of the weights is kept."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any = None
+
+    def variables(self, use_ema: bool = False) -> dict:
+        """The Flax variables to apply the model with (the EMA weights when asked and kept)."""
+        params = self.ema_params if use_ema and self.ema_params is not None else self.params
+        if self.batch_stats:
+            return {"params": params, "batch_stats": self.batch_stats}
+        return {"params": params}
+
+
+def create_model(model_config, num_classes: int):
+    """`models.create(name, num_classes=..., **fields)` from a config.model ConfigDict; dtypes given by name."""
+    fields = model_config.to_dict()
+    name = fields.pop("name")
+    for key in ("dtype", "param_dtype"):
+        if key in fields:
+            fields[key] = jnp.dtype(fields[key])
+    return models.create(name, num_classes=num_classes, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where arrays live: a ("data", "fsdp") mesh; batches split over all devices, parameters FSDP.
+
+MESH_AXES = ("data", "fsdp")
+# The batch is split over every device: both mesh axes.
+BATCH_SPEC = PartitionSpec(MESH_AXES)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (all of them by default); data=-1 takes what fsdp leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    fsdp = mesh_config.fsdp
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must be a positive divisor of the {len(devices)} devices")
+    data = len(devices) // fsdp if mesh_config.data == -1 else mesh_config.data
+    if data * fsdp != len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices")
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def _is_stacked(path) -> bool:
+    """Whether a leaf belongs to blocks stacked by nn.scan ("block1".."block4", or "blocks"), whose
+    leading axis is the depth."""
+    return any(re.fullmatch(r"blocks?\d*", str(getattr(entry, "key", ""))) for entry in path)
+
+
+def fsdp_spec(path, shape, fsdp_size: int, min_shard_size: int) -> PartitionSpec:
+    """Shards the largest dimension divisible by `fsdp_size` over "fsdp", or replicates.
+
+    Leaves smaller than `min_shard_size` elements stay replicated. The leading depth axis of stacked
+    block parameters is used only when no other dimension divides.
+    """
+    if fsdp_size == 1 or math.prod(shape) < min_shard_size:
+        return PartitionSpec()
+    first = 1 if _is_stacked(path) and len(shape) > 1 else 0
+    candidates = [d for d in range(first, len(shape)) if shape[d] % fsdp_size == 0]
+    if not candidates and first == 1 and shape[0] % fsdp_size == 0:
+        candidates = [0]
+    if not candidates:
+        return PartitionSpec()
+    dim = max(candidates, key=lambda d: shape[d])
+    return PartitionSpec(*([None] * dim), "fsdp")
+
+
+def state_sharding(abstract_state, mesh: Mesh, min_shard_size: int = 2 ** 12):
+    """NamedShardings for every leaf of a (possibly abstract) pytree: FSDP when mesh has fsdp > 1.
+
+    Optimizer moments carry the parameter names in their paths, so they shard like their parameters.
+    """
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, fsdp_spec(path, np.shape(leaf), fsdp_size, min_shard_size)),
+        abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict, mesh: Mesh, process_count: int) -> dict:
+    """Assembles each process's local numpy batch into global arrays sharded over the batch axis."""
+    sharding = batch_sharding(mesh)
+
+    def to_global(array):
+        array = np.asarray(array)
+        shape = (array.shape[0] * process_count, *array.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, array, shape)
+    return {name: to_global(value) for name, value in local_batch.items()}
+
+
+def synthetic_batch(mesh: Mesh, global_batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:
+    """A random global batch in the step's input sharding (for benchmarks and smoke tests)."""
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.standard_normal((global_batch_size, image_size, image_size, 3), np.float32),
+             "label": rng.integers(0, num_classes, global_batch_size).astype(np.int32)}
+    return jax.device_put(batch, batch_sharding(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# The initial state.
+
+def run_on_host(fn, *args):
+    """`fn(*args)` jitted on the host CPU, as numpy arrays.
+
+    Initialisation is thousands of small random-number kernels, which XLA:CPU compiles far faster
+    than a GPU compiler does.
+    """
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        return jax.tree.map(np.asarray, jax.jit(fn)(*args))
+
+
+def initial_variables(model, image_size: int, seed):
+    """The model's freshly initialised variables (params, and batch_stats where it has BatchNorm)."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init({"params": jax.random.key(seed)}, images, train=False)
+
+
+def place(host_tree, shardings):
+    """Host arrays (identical in every process) as global arrays in the given shardings."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                        host_tree, shardings)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, mesh, *, image_size: int,
+                       seed: int = 0, keep_ema: bool = False):
+    """Initialises the state on the host CPU, then places each array in its target sharding.
+
+    Returns (state, state_sharding); the sharding pytree is what steps and checkpoint restores use.
+    """
+    def init(seed):
+        variables = initial_variables(model, image_size, seed)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                          ema_params=params if keep_ema else None)
+
+    target_sharding = state_sharding(jax.eval_shape(init, seed), mesh)
+    return place(run_on_host(init, seed), target_sharding), target_sharding
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss and the step.
 
 def _loss_and_grads(model, params, batch_stats, images, targets, rng):
     """Soft-target cross-entropy of one (micro-)batch, its gradients and the updated BatchNorm stats."""
@@ -41,7 +201,7 @@ def _accumulated_loss_and_grads(model, params, batch_stats, images, targets, rng
     if num_micro == 1:
         return _loss_and_grads(model, params, batch_stats, images, targets, rng)
 
-    micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.MESH_AXES))
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, MESH_AXES))
 
     def split(x):
         x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
@@ -108,76 +268,18 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
         return new_state, metrics
 
     return jax.jit(train_step,
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   in_shardings=(state_sharding, batch_sharding(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)),
                    donate_argnums=0, compiler_options=compiler_options)
 
 
-def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options: dict) -> Callable:
-    """`eval_step(state, batch) -> sums` of top-1 and top-5 hits, loss and examples over the
-    examples whose `mask` is true (padding is excluded), as replicated scalars."""
-    def eval_step(state: TrainState, batch):
-        logits = model.apply(state.variables(use_ema), batch["image"], train=False).astype(jnp.float32)
-        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-        hits = top == labels[:, None]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(hits.any(axis=-1) * mask),
-                "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
-
-    return jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh), compiler_options=compiler_options)
-
-
-@dataclasses.dataclass
-class TrainSetup:
-    """What one training run needs: the initial state, its sharding, the steps and the schedule."""
-    state: TrainState
-    state_sharding: Any
-    batch_sharding: jax.sharding.NamedSharding
-    train_step: Callable
-    eval_step: Callable
-    schedule: optax.Schedule
-    mesh: jax.sharding.Mesh
-
-
-def schedule_from_config(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """The recipe's schedule: peak lr scaled by the global batch, warm-up in steps or epochs."""
-    opt = config.optimizer
-    warmup = opt.warmup_steps if opt.warmup_steps >= 0 else round(opt.warmup_epochs * steps_per_epoch)
-    return optim.warmup_cosine_schedule(
-        peak_lr=optim.peak_learning_rate(opt.base_lr, config.global_batch_size),
-        total_steps=total_steps, warmup_steps=warmup, warmup_init_lr=opt.warmup_init_lr,
-        min_lr=opt.min_lr)
-
-
-def total_train_steps(config, steps_per_epoch: int) -> int:
-    """config.num_train_steps when set (>= 0), otherwise config.num_epochs x steps_per_epoch."""
-    if config.num_train_steps >= 0:
-        return config.num_train_steps
-    return max(1, round(config.num_epochs * steps_per_epoch))
-
-
-def setup_training(model, config, mesh, *, image_size: int, num_classes: int,
-                   steps_per_epoch: int) -> TrainSetup:
-    """Builds schedule, optimiser, sharded state and jitted steps exactly as `train.py` uses them."""
+def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
+    """(state, state_sharding, train_step): the optimiser on the recipe's schedule, the sharded
+    initial state and the jitted step, exactly as `train.py` runs them."""
     compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
-    schedule = schedule_from_config(config, steps_per_epoch, total_train_steps(config, steps_per_epoch))
+    schedule = optim.schedule_from_config(config, steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state, state_sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,
-                                               keep_ema=config.ema_decay > 0)
-    return TrainSetup(
-        state=state, state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-        train_step=make_train_step(model, config, tx, schedule, mesh, state_sharding, num_classes,
-                                   compiler_options),
-        eval_step=make_eval_step(model, mesh, state_sharding, config.ema_decay > 0, compiler_options),
-        schedule=schedule, mesh=mesh)
-
-
-def synthetic_batch(setup: TrainSetup, global_batch_size: int, image_size: int, num_classes: int,
-                    seed: int = 0) -> dict:
-    """A random global batch in the step's input sharding (for benchmarks and smoke tests)."""
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.standard_normal((global_batch_size, image_size, image_size, 3), np.float32),
-             "label": rng.integers(0, num_classes, global_batch_size).astype(np.int32)}
-    return jax.device_put(batch, setup.batch_sharding)
+    state, sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,
+                                         keep_ema=config.ema_decay > 0)
+    train_step = make_train_step(model, config, tx, schedule, mesh, sharding, num_classes, compiler_options)
+    return state, sharding, train_step

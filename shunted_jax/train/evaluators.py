@@ -1,0 +1,113 @@
+"""Evaluators built from `config.evals`, as big_vision's: each a dataset split with its own
+preprocessing and period, logged under its own name.
+
+    config.evals.val = {"dataset": "", "split": "", "pp": "decode|...", "every_steps": -1, "every_epochs": 1.0}
+
+An empty dataset is the training data's (`config.data.name`); an empty split is the first of
+validation, val and test that the dataset has. Each evaluator runs every `every_steps` (> 0) or
+else every `every_epochs`, and after the last step. Its top1, top5 (fractions), loss (mean) and
+count go to metrics.jsonl as {"kind": name, ...} and to TensorBoard as `name/top1`, ...
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from shunted_jax import data
+from shunted_jax.train import step
+
+# metrics.jsonl's kind and TensorBoard's prefix of the train step's metrics; no evaluator may take it.
+TRAIN_KIND = "train"
+
+
+def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options: dict) -> Callable:
+    """`eval_step(state, batch) -> sums` of top-1 and top-5 hits, loss and examples over the
+    examples whose `mask` is true (padding is excluded), as replicated scalars."""
+    def eval_step(state: step.TrainState, batch):
+        logits = model.apply(state.variables(use_ema), batch["image"], train=False).astype(jnp.float32)
+        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        hits = top == labels[:, None]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(hits.any(axis=-1) * mask),
+                "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+
+    return jax.jit(eval_step, in_shardings=(state_sharding, step.batch_sharding(mesh)),
+                   out_shardings=step.replicated(mesh), compiler_options=compiler_options)
+
+
+def eval_data_config(config, name: str):
+    """The data config `data.eval_iterator` reads for evaluator `name`: the training data's, with
+    the evaluator's dataset, split and preprocessing."""
+    if name not in config.evals:
+        raise ValueError(f"no evaluator {name!r} in config.evals; it has {sorted(config.evals)}")
+    spec = config.evals[name]
+    return data.with_defaults(config.data, name=spec.dataset or config.data.name, eval_split=spec.split,
+                              pp_eval=spec.pp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """One evaluation set: where its batches come from, when it runs, and the jitted eval step."""
+    name: str
+    data_config: object
+    every_steps: int
+    batch_size: int
+    eval_step: Callable
+    mesh: jax.sharding.Mesh
+
+    def due(self, step_number: int, last_step: int) -> bool:
+        return step_number == last_step or step_number % self.every_steps == 0
+
+    def run(self, state) -> dict:
+        """top1, top5, loss and count over every example of the split exactly once (padding masked);
+        every process must yield as many batches."""
+        batches = data.eval_iterator(self.data_config, global_batch_size=self.batch_size,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+        totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0.0}
+        for local_batch in batches:
+            sums = jax.device_get(self.eval_step(state, step.global_batch(local_batch, self.mesh,
+                                                                          jax.process_count())))
+            for key in totals:
+                totals[key] += float(np.asarray(sums[key], np.float64))
+        count = totals["count"]
+        if count == 0:
+            raise ValueError(f"evaluator {self.name!r}: its split yielded no examples")
+        return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
+                "loss": totals["loss"] / count, "count": int(count)}
+
+
+def interval(steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """An interval given in steps (> 0) or else in epochs, at least one step."""
+    return max(1, steps if steps > 0 else round(epochs * steps_per_epoch))
+
+
+def from_config(config, model, mesh, state_sharding, steps_per_epoch: int) -> list[Evaluator]:
+    """One Evaluator per entry of config.evals, all sharing one compiled eval step."""
+    if TRAIN_KIND in config.evals:
+        raise ValueError(f"config.evals.{TRAIN_KIND}: the name {TRAIN_KIND!r} is the train step's metrics; "
+                         "give the evaluator another name")
+    eval_step = make_eval_step(model, mesh, state_sharding, config.ema_decay > 0,
+                               step.parse_compiler_options(config.compiler_options))
+    return [Evaluator(name=name, data_config=eval_data_config(config, name),
+                      every_steps=interval(spec.every_steps, spec.every_epochs, steps_per_epoch),
+                      batch_size=config.eval_batch_size, eval_step=eval_step, mesh=mesh)
+            for name, spec in config.evals.items()]
+
+
+def run_all(evaluators, state, writer, step_number: int, last_step: int, force: bool = False) -> dict:
+    """Runs the evaluators due at `step_number` (all of them with `force`), writes and logs each;
+    returns {name: results}."""
+    results = {}
+    for evaluator in evaluators:
+        if force or evaluator.due(step_number, last_step):
+            results[evaluator.name] = evaluator.run(state)
+            writer.write(evaluator.name, step_number, results[evaluator.name])
+            logging.info("%s: eval at step %d: top1 %.4f top5 %.4f loss %.4f over %d examples",
+                         evaluator.name, step_number, *(results[evaluator.name][key]
+                                                        for key in ("top1", "top5", "loss", "count")))
+    return results
