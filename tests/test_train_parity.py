@@ -19,8 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import common  # noqa: E402
 from shunted_jax.convert import torch_to_flax  # noqa: E402
-from shunted_jax.train import optim, sharding, step  # noqa: E402
-from shunted_jax.train import state as train_state  # noqa: E402
+from shunted_jax.train import optim, step  # noqa: E402
 
 FIXTURES = sorted(DATA_DIR.glob("train_*.npz"))
 NOT_STATE = {"images", "labels", "lrs", "loss_fp64", "logits_fp64", "grad_norm_fp64", "meta"}
@@ -72,18 +71,18 @@ def build_train_step(config, meta, variables):
     """train.py's model, optimizer and jitted step (`create_model`, `make_optimizer`,
     `make_train_step`) on one CPU device, with the fixture's learning rate at each step.
     Returns (initial state, jitted step)."""
-    model = train_state.create_model(config.model, meta["num_classes"])
+    model = step.create_model(config.model, meta["num_classes"])
     lrs = jnp.asarray(meta["lrs"], jnp.float64)
 
     def schedule(count):
         return lrs[count]
 
     tx = optim.make_optimizer(config.optimizer, schedule)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    mesh = step.make_mesh(config.mesh, jax.devices()[:1])
     params = variables["params"]
-    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-    state_sharding = sharding.state_sharding(state, mesh)
+    state_sharding = step.state_sharding(state, mesh)
     train_step = step.make_train_step(model, config, tx, schedule, mesh, state_sharding, meta["num_classes"], {})
     return jax.device_put(state, state_sharding), train_step
 
