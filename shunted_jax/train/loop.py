@@ -75,7 +75,7 @@ def build_run(config, workdir) -> Run:
     check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
     info = data.dataset_info(config.data)
     steps_per_epoch = max(1, info.num_train_examples // config.global_batch_size)
-    model = state.create_model(config.model, info.num_classes)
+    model = state.create_model(config.model, info.num_classes, mesh)
     setup = step.setup_training(model, config, mesh, image_size=info.image_size,
                                 num_classes=info.num_classes, steps_per_epoch=steps_per_epoch)
     manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
