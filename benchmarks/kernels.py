@@ -5,9 +5,9 @@ Shunted stage shape.
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
-are the tables of BENCHMARKS.md, "Session 2" and "Session 9" (they decide `attention_impl="auto"`),
-and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the FFN's residual) and
-FeedForward modules with each `depthwise_impl`.
+are the tables of BENCHMARKS.md, "Session 2" and "Session 9" (they decide what `kernels="auto"`
+picks for attention), and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the
+FFN's residual) and FeedForward modules with `kernels="depthwise=xla"` and `"depthwise=pallas"`.
 """
 import sys
 import time
@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from shunted_jax.models.attention import pad_keys
-from shunted_jax.models.depthwise import DepthwiseConv3x3
+from shunted_jax.kernels.common import target_for
+from shunted_jax.kernels.dispatch import pad_keys
+from shunted_jax.kernels.short_attention import short_attention
 from shunted_jax.models.ffn import FeedForward
-from shunted_jax.models.pallas_common import target_for
-from shunted_jax.models.short_attention import short_attention
+from shunted_jax.models.layers import DepthwiseConv3x3
 
 BF16 = jnp.bfloat16
 ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), (196, 49, 4), (196, 196, 4),
@@ -132,10 +132,10 @@ def main(part: str) -> None:
         for side, channels, hidden in DEPTHWISE_SHAPES:
             for impl in ("xla", "pallas"):
                 module_timings(f"depthwise {impl} {side}x{side}x{hidden}",
-                               DepthwiseConv3x3(hidden, impl, residual=True, dtype=BF16),
+                               DepthwiseConv3x3(hidden, residual=True, dtype=BF16, kernels=f"depthwise={impl}"),
                                jax.random.normal(key, (256, side, side, hidden), BF16))
                 module_timings(f"ffn module, depthwise {impl} {side}x{side}x{channels}->{hidden}",
-                               FeedForward(hidden, dtype=BF16, depthwise_impl=impl),
+                               FeedForward(hidden, dtype=BF16, kernels=f"depthwise={impl}"),
                                jax.random.normal(key, (256, side, side, channels), BF16))
 
 

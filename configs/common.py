@@ -53,10 +53,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     # Every field of the model is listed, so any of them can be overridden from the command line.
     config.model = ml_collections.ConfigDict(
         {"name": model_name, **models.model_fields(model_name), "drop_path_rate": drop_path_rate,
-         # "auto": on a GPU, the Pallas kernels for up to 64 keys and cuDNN for larger attentions (exact elsewhere).
-         # depthwise "auto": the Pallas kernels on one GPU (XLA's conv elsewhere), which need no
-         # autotuning: a 25-50% shorter cold train-step compile, and no slow autotuned pick.
-         "dtype": "bfloat16", "attention_impl": "auto", "depthwise_impl": "auto", "scan_unroll": 64})
+         "dtype": "bfloat16", "kernels": "auto", "scan_unroll": 64})
     # XLA options for every jitted program of a run, "name=value ..." as in XLA_FLAGS. XLA:GPU's
     # Triton normalisation rewriter lengthens the train step's compile and gains no speed
     # (BENCHMARKS.md); other backends lack the pass.

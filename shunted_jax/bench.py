@@ -9,8 +9,8 @@ inference is the jitted forward in eval mode. Reports compile time, peak device 
 model FLOP utilisation from the project's own MAC count (a backward counted as two forwards).
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
 Models and XLA options are the model's training config (configs/), with --set and
---compiler-options on top; the header and JSON record the configured attention_impl (which
-"auto" resolves per device and dtype), depthwise_impl, scan_unroll and compiler options.
+--compiler-options on top; the header and JSON record the model's `kernels` (as resolved for
+the mesh: `shunted_jax.kernels`), scan_unroll and compiler options.
 """
 import argparse
 import json
@@ -121,7 +121,7 @@ def utilisation(images_per_s: float, macs_per_image: int, passes: int):
 
 
 def run(args) -> dict:
-    from shunted_jax.train.step import create_model, parse_compiler_options
+    from shunted_jax.train.step import create_model, make_mesh, parse_compiler_options
 
     overrides = parse_overrides(args.set)
     config = load_training_config(args.model)
@@ -130,12 +130,12 @@ def run(args) -> dict:
         config.compiler_options = args.compiler_options
     compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails here
     config.checkpoint.asynchronous = False
-    model = create_model(config.model, num_classes=1000)
+    model = create_model(config.model, num_classes=1000, mesh=make_mesh(config.mesh))
     macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
     result = {
         "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
-        "attention_impl": config.model.get("attention_impl"), "depthwise_impl": config.model.get("depthwise_impl"),
-        "scan_unroll": config.model.get("scan_unroll"), "stem_space_to_depth": config.model.get("stem_space_to_depth"),
+        "kernels": model.kernels, "scan_unroll": config.model.get("scan_unroll"),
+        "stem_space_to_depth": config.model.get("stem_space_to_depth"),
         "compiler_options": config.compiler_options,
         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "python": platform.python_version(), "gmacs_per_image": macs / 1e9,
@@ -159,8 +159,7 @@ def run(args) -> dict:
 def format_header(result: dict) -> str:
     return (f"{result['model']} {result['dtype']} {result['image_size']}px on {result['device_count']} x "
             f"{result['device']} (jax {result['jax']}), {result['gmacs_per_image']:.3f} GMACs/image\n"
-            f"  attention_impl={result['attention_impl']} depthwise_impl={result['depthwise_impl']} "
-            f"scan_unroll={result['scan_unroll']} "
+            f"  kernels={result['kernels']} scan_unroll={result['scan_unroll']} "
             f"compiler_options={result['compiler_options']!r}")
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA_DIR
-from test_models import TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture
+from helpers.models import TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture
 
 from shunted_jax import convert, models
 

@@ -5,47 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA_DIR
+from helpers.models import FIXTURES, fixture_model_and_variables
 
 from shunted_jax import models
-from shunted_jax.convert import torch_to_flax
-from shunted_jax.models.attention import MultiScaleTokenAggregator, choose_attention, pad_keys
+from shunted_jax.models.attention import MultiScaleTokenAggregator
 from shunted_jax.models.flops import count_macs
 from shunted_jax.models.layers import space_to_depth_conv
 from shunted_jax.models.pyramid import ConvStem
 
-TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
-                    depths=(1, 1, 2, 1), num_conv=1)
-TINY_PVT = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1))
-FIXTURES = {
-    "tiny_shunted_64x48": ("shunted_t", TINY_SHUNTED),
-    "tiny_shunted_71x45": ("shunted_t", TINY_SHUNTED),
-    "tiny_pvt_v2_64x64": ("pvt_v2_b0", TINY_PVT),
-    "tiny_pvt_v2_li_40x56": ("pvt_v2_b2_li", TINY_PVT),
-}
 OFFICIAL_PARAMS = {
     "shunted_t": 11_553_576, "shunted_s": 22_401_256, "shunted_b": 39_614_376,
     "pvt_v2_b0": 3_666_760, "pvt_v2_b1": 14_009_000, "pvt_v2_b2": 25_362_856, "pvt_v2_b2_li": 22_553_512,
     "pvt_v2_b3": 45_238_696, "pvt_v2_b4": 62_556_072, "pvt_v2_b5": 81_956_008,
 }
-
-
-def load_fixture(name):
-    with np.load(DATA_DIR / f"{name}.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    reserved = {"input", "logits", "logits_fp64", "meta"}
-    state = {k: v for k, v in arrays.items() if k not in reserved and not k.startswith("act/")}
-    return arrays, state
-
-
-def fixture_model_and_variables(name, dtype):
-    arrays, state = load_fixture(name)
-    variant, overrides = FIXTURES[name]
-    variables = torch_to_flax(state, variant, **overrides)
-    model = models.create(variant, num_classes=10, dtype=dtype, param_dtype=dtype, **overrides)
-    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
-    images = jnp.asarray(arrays["input"].transpose(0, 2, 3, 1), dtype)
-    return arrays, model, variables, images
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
@@ -71,38 +43,18 @@ def test_float32_logits_and_features_match_official(name):
 
 def test_fused_attention_path_matches_exact_path():
     arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float32)
-    fused = model.clone(attention_impl="xla").apply(variables, images)
+    fused = model.clone(kernels="attention=xla").apply(variables, images)
     np.testing.assert_allclose(fused, model.apply(variables, images), atol=1e-5)
 
 
-def test_auto_attention_picks_the_kernel_measured_fastest():
-    bf16 = jnp.bfloat16
-    assert choose_attention("auto", 3136, 49, 32, bf16, "gpu") == "pallas"
-    assert choose_attention("auto", 49, 49, 32, bf16, "gpu") == "pallas"  # odd queries: cuDNN refuses
-    assert choose_attention("auto", 3136, 196, 32, bf16, "gpu") == "cudnn"  # 196 keys: cuDNN trains faster
-    assert choose_attention("auto", 196, 196, 32, bf16, "gpu") == "cudnn"
-    assert choose_attention("auto", 196, 49, 32, bf16, "gpu", devices=2) == "exact"  # Pallas: one device
-    assert choose_attention("auto", 3136, 49, 24, bf16, "gpu") == "cudnn"  # no power-of-two head dim
-    assert choose_attention("auto", 3136, 49, 32, jnp.float32, "gpu") == "exact"
-    assert choose_attention("auto", 3136, 49, 32, bf16, "cpu") == "exact"
-    assert choose_attention("xla", 49, 49, 32, bf16, "cpu") == "xla"
-    with pytest.raises(ValueError, match="auto"):
-        choose_attention("flash", 49, 49, 32, bf16, "gpu")
-
-
-def test_keys_padded_for_cudnn_are_masked_out():
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 12, 2, 8)) for i in range(3))
-    k, v = k[:, :7], v[:, :7]
-    padded_k, padded_v, lengths = pad_keys(k, v)
-    assert padded_k.shape[1] == 64 and list(lengths) == [7, 7]
-    masked = jax.nn.dot_product_attention(q, padded_k, padded_v, key_value_seq_lengths=lengths)
-    np.testing.assert_allclose(masked, jax.nn.dot_product_attention(q, k, v), atol=1e-6)
-
-
-def test_multiply_adds_do_not_depend_on_the_attention_kernel():
+def test_multiply_adds_do_not_depend_on_the_kernels():
+    """Fused and Pallas kernels are calls the count cannot see into: counting uses the exact path."""
     model = models.create("shunted_t", num_classes=10)
-    # The cuDNN path cannot even be traced on a CPU: counting must use the exact einsums.
-    assert count_macs(model.clone(attention_impl="cudnn"), (64, 64)) == count_macs(model, (64, 64))
+    exact = count_macs(model, (64, 64))
+    # The cuDNN path cannot even be traced on a CPU.
+    assert count_macs(model.clone(kernels="attention=cudnn"), (64, 64)) == exact
+    # Pallas' depthwise kernels hide their convolutions from the jaxpr.
+    assert count_macs(model.clone(kernels="depthwise=pallas"), (64, 64)) == exact
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))

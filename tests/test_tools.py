@@ -65,6 +65,8 @@ def test_xla_pass_times_sums_passes_by_name_and_lists_programs():
 def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, capsys):
     import json
 
+    import jax
+
     from shunted_jax import bench
 
     dump = tmp_path / "dump"
@@ -73,7 +75,8 @@ def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, 
                          "--set", "depths=(1,1,1,1)", "--compiler-options", f"xla_dump_to={dump}"])
     assert json.loads((tmp_path / "bench.jsonl").read_text()) == json.loads(json.dumps(result))
     assert result["inference"]["images_per_s"] > 0 and "train" not in result
-    assert (result["attention_impl"], result["depthwise_impl"], result["scan_unroll"]) == ("auto", "auto", 64)
+    # the config's "auto", resolved for the mesh of every (simulated) device
+    assert (result["kernels"], result["scan_unroll"]) == (f"auto,devices={jax.device_count()}", 64)
     assert result["compiler_options"] == f"xla_dump_to={dump}"
     assert any("jit_inference" in path.name for path in dump.iterdir())
-    assert "attention_impl=auto depthwise_impl=auto scan_unroll=64" in capsys.readouterr().out
+    assert f"kernels=auto,devices={jax.device_count()} scan_unroll=64" in capsys.readouterr().out

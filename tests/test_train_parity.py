@@ -71,17 +71,17 @@ def build_train_step(config, meta, variables):
     """train.py's model, optimizer and jitted step (`create_model`, `make_optimizer`,
     `make_train_step`) on one CPU device, with the fixture's learning rate at each step.
     Returns (initial state, jitted step)."""
-    model = step.create_model(config.model, meta["num_classes"])
+    mesh = step.make_mesh(config.mesh, jax.devices()[:1])
+    model = step.create_model(config.model, meta["num_classes"], mesh)
     lrs = jnp.asarray(meta["lrs"], jnp.float64)
 
     def schedule(count):
         return lrs[count]
 
     tx = optim.make_optimizer(config.optimizer, schedule)
-    mesh = step.make_mesh(config.mesh, jax.devices()[:1])
     params = variables["params"]
     state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
     state_sharding = step.state_sharding(state, mesh)
     train_step = step.make_train_step(model, config, tx, schedule, mesh, state_sharding, meta["num_classes"], {})
     return jax.device_put(state, state_sharding), train_step

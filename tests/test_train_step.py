@@ -34,8 +34,8 @@ def tiny_config(pvt=False, **model_fields):
 def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
     """(mesh, model, (state, state_sharding, train_step)) as the training loop builds them."""
     config.mesh.update({"data": mesh[0], "fsdp": mesh[1]})
-    model = step.create_model(config.model, num_classes)
     device_mesh = step.make_mesh(config.mesh, devices)
+    model = step.create_model(config.model, num_classes, device_mesh)
     return device_mesh, model, step.init_training(config, model, device_mesh, image_size=IMAGE_SIZE,
                                                   num_classes=num_classes, steps_per_epoch=10)
 
@@ -94,8 +94,9 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     with pytest.raises(ValueError, match="another model.*name: 'shunted_t' != 'shunted_s'"):
         checkpoint.restore(manager, abstract, {"model": {"name": "shunted_s"}})
     # A run resumes with another layout, attention, depthwise kernel or stem conv: the parameters are the same.
-    checkpoint.restore(manager, abstract, {"model": {"name": "shunted_t", "scan_unroll": 1, "attention_impl": "xla",
-                                                     "depthwise_impl": "pallas", "stem_space_to_depth": False}})
+    checkpoint.restore(manager, abstract, {"model": {"name": "shunted_t", "scan_unroll": 1,
+                                                     "kernels": "attention=xla,depthwise=pallas",
+                                                     "stem_space_to_depth": False}})
     manager.close()
 
 

@@ -11,88 +11,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shunted_jax.models import short_attention
-from shunted_jax.models.depthwise import DepthwiseConv3x3
-from shunted_jax.models.layers import TORCH_NORM_EPS, ColumnBlockDense, conv, dense
-from shunted_jax.models.norm import layer_norm
-from shunted_jax.models.pallas_common import target_for
+from shunted_jax import kernels
+from shunted_jax.models.layers import TORCH_NORM_EPS, ColumnBlockDense, DepthwiseConv3x3, conv, dense, layer_norm
 
 Dtype = Any
 
-
-ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn", "pallas")
 POOL_SCOPE = "adaptive_avg_pool"  # a pooling, not a layer: the MAC counter skips it, as torch's does
-# In isolation on an H100 (bf16, head dim 32; BENCHMARKS.md sessions 2 and 9): `short_attention`'s
-# kernels beat cuDNN's fused attention and XLA's einsums at 49 keys (forward 1.7-2.4x faster than
-# the better of the two, training 1.8-2.8x), and lose to cuDNN at 196 keys; cuDNN beats the
-# einsums from 784 queries x 49 keys per head up (3136x49, 784x49, 196x196), and loses below.
-PALLAS_AUTO_MAX_KEYS = 64
-CUDNN_MIN_LOGITS_PER_HEAD = 784 * 49
-FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def choose_attention(implementation: str, queries: int, keys: int, head_dim: int, dtype, backend: str,
-                     devices: int = 1) -> str:
-    """Resolves "auto": the Pallas kernels of `short_attention` for at most PALLAS_AUTO_MAX_KEYS
-    keys where they take the shape (one GPU, 16-bit inputs), else cuDNN's fused kernel where it
-    is faster and accepts the shape (a GPU, 16-bit inputs, an even query count, at least
-    CUDNN_MIN_LOGITS_PER_HEAD logits per head), the exact einsums everywhere else (CPU, TPU,
-    float32 and float64 stay exact)."""
-    if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLS}.")
-    if implementation == "pallas" and keys > short_attention.MAX_KEYS:
-        raise ValueError(f"attention_impl='pallas' takes at most {short_attention.MAX_KEYS} keys, this layer has "
-                         f"{keys}: use attention_impl='auto'.")
-    if implementation != "auto":
-        return implementation
-    if keys <= PALLAS_AUTO_MAX_KEYS and short_attention.fits(keys, head_dim, dtype, backend, devices):
-        return "pallas"
-    fused = (backend == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES and queries % 2 == 0
-             and queries * keys >= CUDNN_MIN_LOGITS_PER_HEAD)
-    return "cudnn" if fused else "exact"
-
-
-def pad_keys(k, v, multiple: int = 64):
-    """K and V padded along the keys to a multiple of `multiple`, and the true key count per
-    example (for `key_value_seq_lengths`, which masks the padding out of the softmax)."""
-    keys = k.shape[1]
-    pad = ((0, 0), (0, -(-keys // multiple) * multiple - keys), (0, 0), (0, 0))
-    return jnp.pad(k, pad), jnp.pad(v, pad), jnp.full((k.shape[0],), keys, jnp.int32)
-
-
-def fused_attention(q, k, v, scale: float, implementation: str):
-    """jax.nn.dot_product_attention. For cuDNN an odd key count (49) is padded and masked by
-    length, because its training kernels refuse odd sequence lengths."""
-    lengths = None
-    if implementation == "cudnn" and k.shape[1] % 2:
-        k, v, lengths = pad_keys(k, v)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
-                                        implementation=implementation)
-
-
-def multi_head_attention(module: nn.Module, q, k, v, implementation: str = "exact"):
-    """softmax(q k^T / sqrt(d)) v over (B, tokens, heads, head_dim) arrays.
-
-    "exact": einsums with the logits and softmax in float32, or float64 when the inputs are
-    (jax.nn.dot_product_attention always rounds its softmax to float32, which float64 parity
-    tests see). "xla" / "cudnn": jax.nn.dot_product_attention with that implementation.
-    "pallas": `short_attention`'s kernels. "auto": `choose_attention`. With the 'intermediates'
-    collection mutable the exact path is taken and stores the attention probabilities there, for
-    pictures of what each head looks at.
-    """
-    backend = jax.default_backend()
-    implementation = choose_attention(implementation, q.shape[1], k.shape[1], q.shape[-1], q.dtype, backend,
-                                      jax.device_count())
-    scale = q.shape[-1] ** -0.5
-    if implementation != "exact" and not module.is_mutable_collection("intermediates"):
-        if implementation == "pallas":
-            return short_attention.short_attention(q, k, v, scale, target_for(q.dtype, backend))
-        return fused_attention(q, k, v, scale, implementation)
-    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype) * scale
-    probs = jax.nn.softmax(logits, axis=-1)
+def multi_head_attention(module: nn.Module, q, k, v):
+    """softmax(q k^T / sqrt(d)) v over (B, tokens, heads, head_dim) arrays, run as
+    `module.kernels` chooses. With the 'intermediates' collection mutable, the exact einsums
+    run and store the attention probabilities there, for pictures of what each head looks at."""
+    if not module.is_mutable_collection("intermediates"):
+        return kernels.attention(q, k, v, module.kernels)
+    out, probs = kernels.exact_attention(q, k, v)
     module.sow("intermediates", "attention_probs", probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return out
 
 
 def split_heads(x, num_heads: int):
@@ -128,7 +63,7 @@ class SpatialReductionAttention(nn.Module):
     pool_size: int = 7
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    implementation: str = "exact"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -137,15 +72,15 @@ class SpatialReductionAttention(nn.Module):
         q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         if self.linear:
             t = conv(dim, 1, name="sr", **kw)(adaptive_avg_pool(x, self.pool_size))
-            t = layer_norm(TORCH_NORM_EPS, name="norm", apply_gelu=True, **kw)(t)
+            t = layer_norm(TORCH_NORM_EPS, name="norm", apply_gelu=True, kernels=self.kernels, **kw)(t)
         elif self.sr_ratio > 1:
             t = conv(dim, self.sr_ratio, stride=self.sr_ratio, name="sr", **kw)(x)
-            t = layer_norm(TORCH_NORM_EPS, name="norm", **kw)(t)
+            t = layer_norm(TORCH_NORM_EPS, name="norm", kernels=self.kernels, **kw)(t)
         else:
             t = x
         kv = dense(2 * dim, name="kv", **kw)(t)
         k, v = split_heads(kv[..., :dim], self.num_heads), split_heads(kv[..., dim:], self.num_heads)
-        out = multi_head_attention(self, q, k, v, self.implementation)
+        out = multi_head_attention(self, q, k, v)
         return dense(dim, name="proj", **kw)(out.reshape(x.shape))
 
 
@@ -156,8 +91,7 @@ class MultiScaleAttention(nn.Module):
     rates: Sequence[int]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    implementation: str = "exact"
-    depthwise_impl: str = "xla"
+    kernels: str = "auto"
 
 
 class ShuntedSelfAttention(MultiScaleAttention):
@@ -192,9 +126,8 @@ class ShuntedSelfAttention(MultiScaleAttention):
         q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         kv = dense(2 * dim, name="kv", **kw)(x)
         k, v = kv[..., :dim], kv[..., dim:]
-        out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
-                                   self.implementation)
-        return out.reshape(x.shape) + DepthwiseConv3x3(dim, self.depthwise_impl, name="local_conv", **kw)(v)
+        out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads))
+        return out.reshape(x.shape) + DepthwiseConv3x3(dim, kernels=self.kernels, name="local_conv", **kw)(v)
 
     def _grouped_attention(self, x, kw):
         groups = len(self.rates)
@@ -203,23 +136,24 @@ class ShuntedSelfAttention(MultiScaleAttention):
         queries = ColumnBlockDense(x.shape[-1], groups, name="q", **kw)(x)
         outputs = []
         for g, (rate, q) in enumerate(zip(self.rates, queries), start=1):
-            k, v = aggregated_keys_values(x, rate, width, g, self.depthwise_impl, kw)
+            k, v = aggregated_keys_values(x, rate, width, g, self.kernels, kw)
             outputs.append(multi_head_attention(self, split_heads(q, heads), split_heads(k, heads),
-                                                split_heads(v, heads), self.implementation))
+                                                split_heads(v, heads)))
         return jnp.concatenate(outputs, axis=2).reshape(x.shape)
 
 
-def aggregated_keys_values(x, rate: int, width: int, group: int, depthwise_impl: str, kw):
+def aggregated_keys_values(x, rate: int, width: int, group: int, execution: str, kw):
     """One SSA scale: kernel = stride = `rate` conv, LayerNorm, GELU, a K/V projection to `width`
     channels each, and V's local enhancement (a depthwise 3x3 conv). Returns NHWC (k, v).
 
-    Called inside a compact `__call__`; its layers are named sr{g}, norm{g}, kv{g}, local_conv{g}.
+    Called inside a compact `__call__`; its layers are named sr{g}, norm{g}, kv{g}, local_conv{g}
+    and run as the `execution` string (the module's `kernels` field) chooses.
     """
     t = conv(x.shape[-1], rate, stride=rate, name=f"sr{group}", **kw)(x)
-    t = layer_norm(TORCH_NORM_EPS, name=f"norm{group}", apply_gelu=True, **kw)(t)
+    t = layer_norm(TORCH_NORM_EPS, name=f"norm{group}", apply_gelu=True, kernels=execution, **kw)(t)
     kv = dense(2 * width, name=f"kv{group}", **kw)(t)
     k, v = kv[..., :width], kv[..., width:]
-    return k, DepthwiseConv3x3(width, depthwise_impl, residual=True, name=f"local_conv{group}", **kw)(v)
+    return k, DepthwiseConv3x3(width, residual=True, kernels=execution, name=f"local_conv{group}", **kw)(v)
 
 
 class MultiScaleTokenAggregator(MultiScaleAttention):
@@ -238,8 +172,7 @@ class MultiScaleTokenAggregator(MultiScaleAttention):
         q = split_heads(dense(dim, name="q", **kw)(x), self.num_heads)
         outputs = []
         for g, rate in enumerate(self.rates, start=1):
-            k, v = aggregated_keys_values(x, rate, dim, g, self.depthwise_impl, kw)
-            out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads),
-                                       self.implementation)
+            k, v = aggregated_keys_values(x, rate, dim, g, self.kernels, kw)
+            out = multi_head_attention(self, q, split_heads(k, self.num_heads), split_heads(v, self.num_heads))
             outputs.append(out.reshape(x.shape))
         return dense(dim, name="proj", **kw)(jnp.concatenate(outputs, axis=-1))

@@ -11,8 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from shunted_jax.models.depthwise import DepthwiseConv3x3
-from shunted_jax.models.layers import DenseWithDeferredBias, dense, gelu
+from shunted_jax.models.layers import DenseWithPendingBias, DepthwiseConv3x3, dense, gelu
 
 Dtype = Any
 
@@ -24,24 +23,20 @@ class FeedForward(nn.Module):
     kind: str = "detail"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    depthwise_impl: str = "xla"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         if self.kind not in FFN_KINDS:
             raise ValueError(f"Unknown FFN kind {self.kind!r}; choose one of {FFN_KINDS}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.kind in ("detail", "pvt"):
-            # fc1's bias goes to the depthwise conv: the Pallas kernel folds it into its own bias
-            # instead of a pass over the hidden map
-            u, fc1_bias = DenseWithDeferredBias(self.hidden_dim, name="fc1", **kw)(x)
-            y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, residual=self.kind == "detail",
-                                 apply_gelu=True, name="dwconv", **kw)(u, input_bias=fc1_bias)
+        dwconv = DepthwiseConv3x3(self.hidden_dim, residual=self.kind == "detail", apply_gelu=True,
+                                  kernels=self.kernels, name="dwconv", **kw)
+        if self.kind == "plain":
+            y = gelu(dense(self.hidden_dim, name="fc1", **kw)(x))
+        elif self.kind == "pvt_linear":
+            y = dwconv(nn.relu(dense(self.hidden_dim, name="fc1", **kw)(x)))
         else:
-            u = dense(self.hidden_dim, name="fc1", **kw)(x)
-            if self.kind == "plain":
-                y = gelu(u)
-            else:
-                y = DepthwiseConv3x3(self.hidden_dim, self.depthwise_impl, apply_gelu=True, name="dwconv",
-                                     **kw)(nn.relu(u))
+            u = DenseWithPendingBias(self.hidden_dim, name="fc1", **kw)(x)
+            y = dwconv(u)  # GELU(u + DWConv(u)), or GELU(DWConv(u)) for "pvt"
         return dense(x.shape[-1], name="fc2", **kw)(y)

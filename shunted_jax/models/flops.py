@@ -64,7 +64,7 @@ def count_macs(model, image_hw=(224, 224)) -> Dict[str, Dict[str, int]]:
     """
     # fused and Pallas kernels are custom calls the count cannot see; the space-to-depth stem
     # conv multiplies zero taps
-    exact = dict(attention_impl="exact", depthwise_impl="xla")
+    exact = dict(kernels="exact")
     if hasattr(model, "stem_space_to_depth"):
         exact["stem_space_to_depth"] = False
     model = model.clone(**exact)

@@ -2,6 +2,7 @@
 
 Each helper pins down one detail that the official PyTorch code fixes and Flax's
 defaults get wrong (GELU form, LayerNorm eps, symmetric padding, the depthwise fan-out).
+The depthwise conv and LayerNorm hold their parameters here and compute in `shunted_jax.kernels`.
 """
 from typing import Any
 
@@ -9,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from shunted_jax import kernels
 
 Dtype = Any
 
@@ -72,9 +75,8 @@ def space_to_depth_conv(x, kernel, padding: int):
     computed as a stride-1 one over the map's 2x2 pixel blocks folded into channels.
 
     The same sums in another order (the kernel gets zero taps). Input channels are zero-padded
-    to a multiple of 8, which cuDNN's tensor-core kernels want: the stem's 7x7/2 conv over 3
-    channels ran 2.5x faster this way on an H100 (1.84 -> 0.74 ms at batch 256; BENCHMARKS.md,
-    session 8).
+    to a multiple of 8, which cuDNN's tensor-core kernels want: over 3 channels the stem's 7x7/2
+    conv is much faster this way (BENCHMARKS.md).
     """
     batch, height, width, channels = x.shape
     size = kernel.shape[0]
@@ -105,9 +107,9 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.D
     return nn.Dense(features, kernel_init=dense_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class DenseWithDeferredBias(nn.Module):
-    """nn.Dense's parameters ('kernel', 'bias') and product, with the bias returned instead of
-    added: for a consumer that adds it itself (the Pallas depthwise kernel after fc1)."""
+class DenseWithPendingBias(nn.Module):
+    """nn.Dense's parameters ('kernel', 'bias') and product x W + b, returned as a
+    `kernels.PendingBias`: the depthwise conv that reads it adds b inside its kernel."""
 
     features: int
     dtype: Dtype
@@ -116,7 +118,54 @@ class DenseWithDeferredBias(nn.Module):
     @nn.compact
     def __call__(self, x):
         x, kernel, bias = _dense_operands(self, x)
-        return _product(x, kernel), bias
+        return kernels.PendingBias(_product(x, kernel), bias)
+
+
+class DepthwiseConv3x3(nn.Module):
+    """nn.Conv(features, 3x3, padding 1, groups=features), then, with `residual`, plus its input
+    (Shunted's FFN computes u + DWConv(u)) and, with `apply_gelu`, the exact GELU."""
+
+    features: int
+    residual: bool = False
+    apply_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 4 or x.shape[-1] != self.features:
+            raise ValueError(f"DepthwiseConv3x3({self.features}) takes an NHWC map with {self.features} channels, "
+                             f"got shape {x.shape}.")
+        kernel = self.param("kernel", conv_kernel_init(self.features), (3, 3, 1, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+        return kernels.depthwise_conv3x3(x, kernel, bias, self.kernels, residual=self.residual,
+                                         apply_gelu=self.apply_gelu)
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm(epsilon, use_fast_variance=False): the two-pass variance, as torch computes
+    it (E[x^2] - E[x]^2 loses float32 digits); then the exact GELU with `apply_gelu`."""
+
+    epsilon: float
+    apply_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        return kernels.layer_norm(x, scale, bias, self.kernels, epsilon=self.epsilon, dtype=self.dtype,
+                                  apply_gelu=self.apply_gelu)
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype, kernels: str,
+               apply_gelu: bool = False) -> LayerNorm:
+    return LayerNorm(eps, apply_gelu, dtype=dtype, param_dtype=param_dtype, kernels=kernels, name=name)
 
 
 class ColumnBlockDense(nn.Module):

@@ -28,9 +28,9 @@ from shunted_jax.models.layers import (
     conv_kernel_init,
     dense_kernel_init,
     drop_path,
+    layer_norm,
     space_to_depth_conv,
 )
-from shunted_jax.models.norm import layer_norm
 
 Dtype = Any
 
@@ -99,6 +99,7 @@ class ConvStem(nn.Module):
     space_to_depth: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -111,7 +112,7 @@ class ConvStem(nn.Module):
             bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn_{i}", **kw)
             x = nn.relu(conv_i(x, *folded_batch_norm(bn)) if fold else bn(conv_i(x)))
         x = conv(self.features, 2, stride=2, name="proj", **kw)(x)
-        return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)
+        return layer_norm(TORCH_NORM_EPS, name="norm", kernels=self.kernels, **kw)(x)
 
 
 class PatchEmbed(nn.Module):
@@ -122,12 +123,13 @@ class PatchEmbed(nn.Module):
     stride: int = 2
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(self.features, self.kernel, stride=self.stride, padding=self.kernel // 2, name="proj", **kw)(x)
-        return layer_norm(TORCH_NORM_EPS, name="norm", **kw)(x)
+        return layer_norm(TORCH_NORM_EPS, name="norm", kernels=self.kernels, **kw)(x)
 
 
 class Block(nn.Module):
@@ -144,24 +146,21 @@ class Block(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "exact"
-    depthwise_impl: str = "xla"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, drop_path_rate):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
         dim = x.shape[-1]
         if self.attention in MULTI_SCALE_KINDS:
             kind = ShuntedSelfAttention if self.attention == "ssa" else MultiScaleTokenAggregator
-            attn = kind(self.num_heads, tuple(self.rates), implementation=self.attention_impl,
-                        depthwise_impl=self.depthwise_impl, name="attn", **kw)
+            attn = kind(self.num_heads, tuple(self.rates), name="attn", **kw)
         else:
             attn = SpatialReductionAttention(self.num_heads, sr_ratio=self.rates[0],
-                                             linear=self.attention == "linear_sra",
-                                             implementation=self.attention_impl, name="attn", **kw)
+                                             linear=self.attention == "linear_sra", name="attn", **kw)
         y = attn(layer_norm(BLOCK_NORM_EPS, name="norm1", **kw)(x))
         x = x + drop_path(y, drop_path_rate, self.deterministic, self)
-        y = FeedForward(int(dim * self.mlp_ratio), self.ffn, depthwise_impl=self.depthwise_impl, name="mlp", **kw)(
+        y = FeedForward(int(dim * self.mlp_ratio), self.ffn, name="mlp", **kw)(
             layer_norm(BLOCK_NORM_EPS, name="norm2", **kw)(x))
         x = x + drop_path(y, drop_path_rate, self.deterministic, self)
         return x, None
@@ -200,8 +199,7 @@ class PyramidVisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "exact"
-    depthwise_impl: str = "xla"
+    kernels: str = "auto"  # how each operation runs: `shunted_jax.kernels.dispatch`
     scan_unroll: int = 1  # blocks per loop iteration: more compiles slower, may run faster
     stem_space_to_depth: bool = True  # the conv stem's 7x7/2 conv as a 4x4 conv over 2x2 pixel blocks
 
@@ -264,7 +262,7 @@ class PyramidVisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False, return_features: bool = False):
         self._validate(images)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
         drop_rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
         x = images.astype(self.dtype)
         features = []
@@ -280,14 +278,15 @@ class PyramidVisionTransformer(nn.Module):
             blocks = scanned_blocks(
                 self.depths[i], self.scan_unroll, num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i],
                 attention=self.attention, rates=self.stage_rates()[i], ffn=self.ffn, deterministic=not train,
-                attention_impl=self.attention_impl, depthwise_impl=self.depthwise_impl, name=f"block{i + 1}", **kw)
+                name=f"block{i + 1}", **kw)
             x, _ = blocks(x, jnp.asarray(drop_rates[start : start + self.depths[i]], jnp.float32))
             x = layer_norm(BLOCK_NORM_EPS, name=f"norm{i + 1}", **kw)(x)
             features.append(x)
         if return_features:
             return features
         pooled = jnp.mean(x, axis=(1, 2))
-        head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", **kw)
+        head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", dtype=self.dtype,
+                        param_dtype=self.param_dtype)
         return head(pooled)
 
     def features(self, images, train: bool = False):

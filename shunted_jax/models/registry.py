@@ -5,6 +5,7 @@ from typing import Dict, List, Tuple, Type
 import flax.linen as nn
 import jax.numpy as jnp
 
+from shunted_jax import kernels
 from shunted_jax.models import pvt_v2, shunted, vit
 from shunted_jax.models.pyramid import PyramidVisionTransformer
 from shunted_jax.models.vit import VisionTransformer
@@ -50,4 +51,6 @@ def create(name: str, **overrides) -> nn.Module:
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"Unknown model field(s) {unknown} for {name!r}. Valid fields: {', '.join(sorted(valid))}.")
-    return cls(**{**fields, **overrides})
+    model = cls(**{**fields, **overrides})
+    kernels.parse(model.kernels)
+    return model

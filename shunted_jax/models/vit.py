@@ -11,8 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from shunted_jax.models.layers import BLOCK_NORM_EPS, conv, dense_kernel_init
-from shunted_jax.models.norm import layer_norm
+from shunted_jax.models.layers import BLOCK_NORM_EPS, conv, dense_kernel_init, layer_norm
 from shunted_jax.models.pyramid import scanned_blocks
 
 Dtype = Any
@@ -37,8 +36,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "exact"
-    depthwise_impl: str = "xla"
+    kernels: str = "auto"  # how each operation runs: `shunted_jax.kernels.dispatch`
     scan_unroll: int = 1
 
     def stage_grids(self, height: int, width: int):
@@ -69,10 +67,9 @@ class VisionTransformer(nn.Module):
         drop_rates = jnp.asarray(np.linspace(0.0, self.drop_path_rate, self.depth), jnp.float32)
         blocks = scanned_blocks(self.depth, self.scan_unroll, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                                 attention=self.attention, rates=(1,), ffn=self.ffn, deterministic=not train,
-                                attention_impl=self.attention_impl, depthwise_impl=self.depthwise_impl,
-                                name="block1", **kw)
+                                kernels=self.kernels, name="block1", **kw)
         x, _ = blocks(x, drop_rates)
-        x = layer_norm(BLOCK_NORM_EPS, name="norm1", **kw)(x)
+        x = layer_norm(BLOCK_NORM_EPS, name="norm1", kernels=self.kernels, **kw)(x)
         head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", **kw)
         return head(jnp.mean(x, axis=(1, 2)))
 

@@ -40,7 +40,8 @@ def describe_mismatch(expected: dict, found: dict) -> str:
 
 
 # Model fields that change how the model computes, not its parameters: a run may resume with others.
-EXECUTION_FIELDS = ("dtype", "attention_impl", "depthwise_impl", "scan_unroll", "stem_space_to_depth")
+# `attention_impl` and `depthwise_impl`, which `kernels` replaced, are in checkpoints written before.
+EXECUTION_FIELDS = ("dtype", "kernels", "attention_impl", "depthwise_impl", "scan_unroll", "stem_space_to_depth")
 
 
 def _architecture(model_fields: dict) -> dict:

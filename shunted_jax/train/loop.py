@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                                            jax.process_count())
     total_steps = optim.total_train_steps(config, steps_per_epoch)
 
-    model = step.create_model(config.model, info.num_classes)
+    model = step.create_model(config.model, info.num_classes, mesh)
     train_state, state_sharding, train_step = step.init_training(
         config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
         steps_per_epoch=steps_per_epoch)

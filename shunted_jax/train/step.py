@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from shunted_jax import models
+from shunted_jax import kernels, models
 from shunted_jax.train import mixup, optim
 
 
@@ -41,13 +41,16 @@ class TrainState:
         return {"params": params}
 
 
-def create_model(model_config, num_classes: int):
-    """`models.create(name, num_classes=..., **fields)` from a config.model ConfigDict; dtypes given by name."""
+def create_model(model_config, num_classes: int, mesh=None):
+    """`models.create(name, num_classes=..., **fields)` from a config.model ConfigDict; dtypes given
+    by name, `kernels` resolved for the mesh the model's steps run on (None: one device)."""
     fields = model_config.to_dict()
     name = fields.pop("name")
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = jnp.dtype(fields[key])
+    if "kernels" in fields:
+        fields["kernels"] = kernels.resolve_for_mesh(fields["kernels"], mesh)
     return models.create(name, num_classes=num_classes, **fields)
 
 

@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_models import fixture_model_and_variables
+from helpers.models import fixture_model_and_variables
 
-from shunted_jax.models.attention import choose_attention
-from shunted_jax.models.short_attention import MAX_KEYS, short_attention, tiling
-from shunted_jax.models.pallas_common import target_for
+from shunted_jax.kernels.common import target_for
+from shunted_jax.kernels.dispatch import choose_attention
+from shunted_jax.kernels.short_attention import MAX_KEYS, short_attention, tiling
 
 
 def exact_attention(q, k, v):
@@ -68,16 +68,16 @@ def test_more_keys_than_the_kernels_hold_is_refused_with_what_to_do():
     k = jnp.zeros((1, MAX_KEYS + 1, 1, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="at most 256 keys"):
         pallas_attention(q, k, k)
-    with pytest.raises(ValueError, match="attention_impl='auto'"):
-        choose_attention("pallas", 4, MAX_KEYS + 1, 16, jnp.bfloat16, "gpu")
+    with pytest.raises(ValueError, match="at most 256 keys.*use attention=auto"):
+        choose_attention("attention=pallas", 4, MAX_KEYS + 1, 16, jnp.bfloat16, "gpu")
 
 
 def test_every_attention_of_the_model_takes_the_pallas_path():
-    """The tiny Shunted fixture with attention_impl="pallas": one kernel call per softmax of the
+    """The tiny Shunted fixture with kernels="attention=pallas": one kernel call per softmax of the
     exact model, and the official float64 logits still hold to the exact path's 1e-9."""
     with jax.enable_x64(True):
         arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float64)
-        pallas = model.clone(attention_impl="pallas")
+        pallas = model.clone(kernels="attention=pallas")
         jaxpr = lambda m: str(jax.make_jaxpr(lambda v, x: m.apply(v, x))(variables, images))  # noqa: E731
         softmaxes = jaxpr(model).count("reduce_max")
         assert softmaxes == 7 and "pallas_call" not in jaxpr(model)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.models.pallas_common import Target, accumulator, kernels_fit
+from shunted_jax.kernels.common import Target, accumulator
 
 MAX_KEYS = 256
 
@@ -37,16 +37,15 @@ class Tiling(NamedTuple):
     warps: int
 
 
-def fits(keys: int, head_dim: int, dtype, backend: str, devices: int = 1) -> bool:
-    """Whether the kernels take this attention: one GPU, 16-bit inputs, at most MAX_KEYS keys, and
-    a head dim that Triton's matrix instructions tile (a power of two from 16)."""
-    tiled = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return kernels_fit(dtype, backend, devices) and keys <= MAX_KEYS and tiled
+def takes(keys: int, head_dim: int) -> bool:
+    """Whether the kernels take this attention: at most MAX_KEYS keys, and a head dim that
+    Triton's matrix instructions tile (a power of two from 16)."""
+    return keys <= MAX_KEYS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def tiling(queries: int, keys: int, backward: bool) -> Tiling:
-    """Tilings measured fast on an H100 (BENCHMARKS.md, session 9). Forward: 64-query blocks, two
-    per program. Backward: the key and value gradients live in registers next to the logits, so
+    """The fastest tilings of BENCHMARKS.md's kernel tables. Forward: 64-query blocks, two per
+    program. Backward: the key and value gradients live in registers next to the logits, so
     256 keys take 16-query blocks; a program walks up to 256 queries, which loads each head's
     keys and values fewer times."""
     block_k = max(16, pl.next_power_of_2(keys))

@@ -1,58 +1,34 @@
-"""The 3x3 depthwise convolution (stride 1, padding 1) of the FFN and of V's local enhancement.
+"""The 3x3 depthwise convolution (stride 1, padding 1) as Pallas (Triton) kernels: the forward
+pass with the FFN's GELU, residual and fc1's bias fused in, and the backward pass with GELU's
+derivative fused in, for maps with a multiple of 32 channels.
 
-Implementations, with the same parameters ('kernel' (3, 3, 1, C), 'bias' (C,)):
-  "xla"     lax.conv_general_dilated, i.e. cuDNN on a GPU. The exact path, and the model default.
-  "pallas"  Pallas (Triton) kernels for the forward pass (with the FFN's GELU and fc1's bias
-            fused in) and the backward pass (with GELU's derivative fused in), for maps with a
-            multiple of 32 channels. They need no autotuning: on an H100 a cold shunted_s
-            train-step compile took 65-100 s with them and 133 s with cuDNN's depthwise
-            algorithms, of which autotuning picked, on one machine of session 4, one that took
-            45 ms of a 98 ms step. The kernels are bound by instructions more than by memory,
-            hence masked loads and approximate PTX instructions inside the GELU (BENCHMARKS.md,
-            sessions 4 to 7).
-            Elsewhere than on a GPU, Pallas' interpreter runs them (slow: for tests). They use
-            Pallas' Triton backend, which jax 0.11 deprecates in favour of Mosaic GPU (it warns).
-  "auto"    `choose_depthwise`: "pallas" on one GPU for 16-bit maps it tiles, "xla" elsewhere.
-            On several devices XLA's convolution stays: a Pallas call has no sharding rule, so
-            XLA would gather a batch-sharded map onto every device.
+They need no autotuning (cuDNN's depthwise algorithms are autotuned per shape, which lengthens
+the first compile and may pick a slow one), and they are bound by instructions more than by
+memory, hence masked loads and approximate PTX instructions inside the GELU. Off the GPU,
+Pallas' interpreter runs them (for tests).
 """
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.models.layers import conv_kernel_init, gelu
-from shunted_jax.models.pallas_common import Target, accumulator, gelu_slope, kernels_fit, normal_cdf, target_for
-
-Dtype = Any
-
-DEPTHWISE_IMPLS = ("auto", "xla", "pallas")
+from shunted_jax.kernels.common import Target, accumulator, gelu_slope, normal_cdf
 
 _CHANNEL_BLOCKS = (64, 32)
 """Channels per Pallas program, the largest that divides C; every depthwise conv of the
 released models has a multiple of 32 channels."""
+MIN_CHANNEL_BLOCK = min(_CHANNEL_BLOCKS)
 
 
 def _channel_block(channels: int):
     return next((b for b in _CHANNEL_BLOCKS if channels % b == 0), None)
 
 
-def choose_depthwise(implementation: str, channels: int, dtype, backend: str, devices: int = 1) -> str:
-    """Resolves "auto" (float32 and float64 stay on XLA's exact convolution, as does any program
-    over several devices) and checks the choice."""
-    if implementation not in DEPTHWISE_IMPLS:
-        raise ValueError(f"Unknown depthwise implementation {implementation!r}; choose one of {DEPTHWISE_IMPLS}.")
-    tiled = _channel_block(channels) is not None
-    if implementation == "auto":
-        return "pallas" if kernels_fit(dtype, backend, devices) and tiled else "xla"
-    if implementation == "pallas" and not tiled:
-        raise ValueError(f"depthwise_impl='pallas' needs a multiple of {min(_CHANNEL_BLOCKS)} channels, this map has "
-                         f"{channels}: use depthwise_impl='xla' or 'auto'.")
-    return implementation
+def takes(channels: int) -> bool:
+    """Whether the kernels tile a map of this many channels."""
+    return _channel_block(channels) is not None
 
 
 def _tap_rows(row, height):
@@ -65,9 +41,8 @@ def _load_shifted(ref, batch, row, row_ok, columns, dx, width, lanes, acc):
     """Input row `row` shifted by dx along W: (len(columns), len(lanes)) in `acc`, zero outside.
 
     Rows and channels are both index arrays, clipped into the map, and the load is masked
-    outside it: no load leaves the array, and Pallas' interpreter (which does not mix index
-    arrays with slices) runs the same kernel. (Masking the load rather than zeroing the values
-    after it made the kernels 7-19% faster on an H100.)
+    outside it (cheaper than zeroing the values after it): no load leaves the array, and Pallas'
+    interpreter (which does not mix index arrays with slices) runs the same kernel.
     """
     col = columns + dx
     ok = row_ok & (col >= 0) & (col < width)
@@ -84,8 +59,7 @@ def _shifted_taps(ref, batch, row, columns, height, width, lanes, acc):
 
 class _Row:
     """Where a Pallas program works: one row of one image, one block of channels. Rows are the
-    grid's first axis, so programs launched together share their input rows in the cache
-    (2-12% faster than batch first on an H100, BENCHMARKS.md session 9)."""
+    grid's first axis, so programs launched together share their input rows in the cache."""
 
     def __init__(self, ref, height, width, block_w, block_c):
         self.row, self.batch = pl.program_id(0), pl.program_id(1)
@@ -176,8 +150,8 @@ def _tiling(x):
 
 
 def _weight_grad_warps(block_w: int, block_c: int) -> int:
-    """Warps for 16 elements of each accumulator per thread, 4 to 8: on an H100, 4 warps over a
-    64 x 64 tile spilled (9x slower) and 8 over a 32 x 64 tile were 26% slower (session 9)."""
+    """Warps for 16 elements of each accumulator per thread, 4 to 8: fewer spill registers over a
+    64 x 64 tile, more are slower over a 32 x 64 one (BENCHMARKS.md)."""
     return min(8, max(4, block_w * block_c // (32 * 16)))
 
 
@@ -227,8 +201,8 @@ def _edge_sums(g, acc):
     of the map: {dy: (C,)}, {dx: (C,)}, {(dy, dx): (C,)} keyed by the side (-1 first, 1 last).
 
     Summed per image first, then over the batch behind an optimization barrier, so that XLA
-    does not merge the two: as one reduction with only C outputs it ran on 8 thread blocks
-    (1.6 ms of a shunted_s train step on an H100), per image it has B x C outputs.
+    does not merge the two: as one reduction with only C outputs it runs on few thread blocks,
+    per image it has B x C outputs.
     """
     ends = (0, -1)
     per_image = ([jnp.sum(g[:, i], 1, acc) for i in ends] + [jnp.sum(g[:, :, i], 1, acc) for i in ends]
@@ -253,7 +227,7 @@ def _sums_where_taps_see_the_map(g, total):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: Target):
+def pallas_depthwise(x, taps, bias, input_bias, residual: bool, apply_gelu: bool, target: Target):
     """z = depthwise3x3(u) + bias (+ u with `residual`), or GELU(z) with `apply_gelu`, where
     u = x + input_bias (or x); taps (9, C) in row-major (dy, dx) order.
 
@@ -294,42 +268,4 @@ def _backward(residual, apply_gelu, target, saved, g):
     return du, d_taps.astype(taps.dtype), d_bias.astype(bias.dtype), d_input_bias
 
 
-_pallas_depthwise.defvjp(_forward, _backward)
-
-
-class DepthwiseConv3x3(nn.Module):
-    """nn.Conv(features, 3x3, padding 1, groups=features) with a choice of implementation.
-    `residual` adds the input to the output (Shunted's FFN computes u + DWConv(u)), and
-    `apply_gelu` applies the exact GELU after that (fused into the Pallas kernel). Called with
-    `input_bias`, the input is x + input_bias (the producer's bias, which the Pallas kernel adds
-    itself; nn.Dense would spend a pass over the map on it)."""
-    features: int
-    implementation: str = "xla"
-    residual: bool = False
-    apply_gelu: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, input_bias=None):
-        if x.ndim != 4 or x.shape[-1] != self.features:
-            raise ValueError(f"DepthwiseConv3x3({self.features}) takes an NHWC map with {self.features} channels, "
-                             f"got shape {x.shape}.")
-        kernel = self.param("kernel", conv_kernel_init(self.features), (3, 3, 1, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if input_bias is not None:
-            input_bias = jnp.asarray(input_bias, x.dtype)
-        backend = jax.default_backend()
-        if choose_depthwise(self.implementation, self.features, x.dtype, backend, jax.device_count()) == "pallas":
-            return _pallas_depthwise(x, kernel.reshape(9, self.features), bias, input_bias, self.residual,
-                                     self.apply_gelu, target_for(x.dtype, backend))
-        if input_bias is not None:
-            x = x + input_bias
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
-        y = y + bias
-        if self.residual:
-            y = x + y
-        return gelu(y) if self.apply_gelu else y
-
+pallas_depthwise.defvjp(_forward, _backward)

@@ -1,41 +1,22 @@
-"""LayerNorm over the channels, optionally followed by the exact GELU, with a choice of implementation.
+"""LayerNorm over the channels, optionally followed by the exact GELU, as Pallas (Triton) kernels.
 
-Parameters and numerics are nn.LayerNorm's with `use_fast_variance=False` (float32 statistics
-with the two-pass variance, as torch computes it; 'scale' and 'bias' used in float32):
-  "xla"     the same formulas in XLA. On an H100 XLA spends a reduction kernel on the mean, one
-            on the variance and an element-wise pass on the output (BENCHMARKS.md, session 7).
-  "pallas"  one Pallas (Triton) kernel per block of rows that holds its rows in registers: one
-            read and one write of the map. Its backward is one kernel too (the gradient w.r.t.
-            the input, and per-block sums for 'scale' and 'bias' that XLA adds up). Off the GPU
-            Pallas' interpreter runs them (for tests).
-  "auto"    "pallas" on one GPU for 16-bit outputs (`pallas_common.kernels_fit`), "xla" elsewhere.
+XLA spends a reduction kernel on the mean, one on the variance and an element-wise pass on the
+output; here one program per block of rows holds its rows in registers: one read and one write
+of the map. The backward is one kernel too (the gradient w.r.t. the input, and per-block sums for
+'scale' and 'bias' that XLA adds up). Numerics are nn.LayerNorm's with `use_fast_variance=False`.
+Off the GPU, Pallas' interpreter runs them (for tests).
 """
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.models.layers import gelu
-from shunted_jax.models.pallas_common import Target, accumulator, gelu_slope, kernels_fit, normal_cdf, target_for
-
-Dtype = Any
-
-NORM_IMPLS = ("auto", "xla", "pallas")
+from shunted_jax.kernels.common import Target, gelu_slope, normal_cdf
 
 _BLOCK_ELEMENTS = 4096
 """Elements (rows x channels, padded to a power of two) per Pallas program."""
-
-
-def choose_norm(implementation: str, dtype, backend: str, devices: int = 1) -> str:
-    if implementation not in NORM_IMPLS:
-        raise ValueError(f"Unknown norm implementation {implementation!r}; choose one of {NORM_IMPLS}.")
-    if implementation == "auto":
-        return "pallas" if kernels_fit(dtype, backend, devices) else "xla"
-    return implementation
 
 
 class _Rows:
@@ -111,13 +92,13 @@ def _call(kernel, x, out_shape, epsilon, apply_gelu, target: Target, *args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _pallas_layer_norm(x, scale, bias, epsilon: float, apply_gelu: bool, dtype, target: Target):
+def pallas_layer_norm(x, scale, bias, epsilon: float, apply_gelu: bool, dtype, target: Target):
     """LayerNorm (then GELU) of (rows, channels) x; scale and bias in the accumulator dtype."""
     return _call(_forward_kernel, x, jax.ShapeDtypeStruct(x.shape, dtype), epsilon, apply_gelu, target, scale, bias)
 
 
 def _forward(x, scale, bias, epsilon, apply_gelu, dtype, target):
-    return _pallas_layer_norm(x, scale, bias, epsilon, apply_gelu, dtype, target), (x, scale, bias)
+    return pallas_layer_norm(x, scale, bias, epsilon, apply_gelu, dtype, target), (x, scale, bias)
 
 
 def _backward(epsilon, apply_gelu, dtype, target, saved, g):
@@ -129,43 +110,4 @@ def _backward(epsilon, apply_gelu, dtype, target, saved, g):
     return dx, d_scale, d_bias
 
 
-_pallas_layer_norm.defvjp(_forward, _backward)
-
-
-def _xla_layer_norm(x, scale, bias, epsilon, acc):
-    """nn.LayerNorm's formulas (use_fast_variance=False)."""
-    x = x.astype(acc)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
-
-
-class LayerNorm(nn.Module):
-    """nn.LayerNorm(epsilon, use_fast_variance=False), then the exact GELU with `apply_gelu`
-    (fused into the Pallas kernel)."""
-    epsilon: float
-    apply_gelu: bool = False
-    implementation: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        acc = accumulator(jnp.promote_types(x.dtype, self.dtype))
-        scale, bias = scale.astype(jnp.promote_types(scale.dtype, acc)), bias.astype(jnp.promote_types(bias.dtype, acc))
-        backend = jax.default_backend()
-        if choose_norm(self.implementation, self.dtype, backend, jax.device_count()) == "pallas":
-            y = _pallas_layer_norm(x.reshape(-1, channels), scale, bias, self.epsilon, self.apply_gelu, self.dtype,
-                                   target_for(acc, backend))
-            return y.reshape(x.shape)
-        y = _xla_layer_norm(x, scale, bias, self.epsilon, acc).astype(self.dtype)
-        return gelu(y) if self.apply_gelu else y
-
-
-def layer_norm(eps: float, *, name: str, dtype: Dtype, param_dtype: Dtype, apply_gelu: bool = False) -> LayerNorm:
-    """The models' LayerNorm: the two-pass variance, as torch computes it (E[x^2] - E[x]^2 loses
-    float32 digits), then GELU with `apply_gelu`; "auto" picks the Pallas kernels."""
-    return LayerNorm(eps, apply_gelu, dtype=dtype, param_dtype=param_dtype, name=name)
+pallas_layer_norm.defvjp(_forward, _backward)

@@ -5,18 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_models import fixture_model_and_variables
+from helpers.models import fixture_model_and_variables
+from helpers.models import outputs_and_grads as module_outputs_and_grads
 
-from shunted_jax.models.depthwise import DepthwiseConv3x3, _edge_table, choose_depthwise
-from shunted_jax.models.flops import count_macs
+from shunted_jax import kernels
+from shunted_jax.kernels.depthwise import _edge_table
+from shunted_jax.models.layers import DepthwiseConv3x3
 
 
 def outputs_and_grads(module, variables, x, cotangent, input_bias=None):
-    """The output as inferred (undifferentiated), and as trained (differentiated) with the
-    gradients w.r.t. the variables, x and (if given) input_bias for that cotangent."""
-    args = (x,) if input_bias is None else (x, input_bias)
-    trained, vjp = jax.vjp(lambda v, *a: module.apply(v, *a), variables, *args)
-    return module.apply(variables, *args), trained, vjp(cotangent)
+    """`helpers.models.outputs_and_grads` of the conv of u = x + input_bias, the bias handed over
+    as fc1 hands it (a `kernels.PendingBias`) when given: the gradients w.r.t. x and input_bias."""
+    u = x if input_bias is None else kernels.PendingBias(x, input_bias)
+    return module_outputs_and_grads(module, variables, u, cotangent)
 
 
 @pytest.mark.parametrize("shape, residual, apply_gelu, input_bias", [
@@ -34,8 +35,8 @@ def test_pallas_kernels_match_xla_convolution_in_float64(shape, residual, apply_
         rng = np.random.default_rng(0)
         x, cotangent = (jnp.asarray(rng.standard_normal(shape)) for _ in range(2))
         b = jnp.asarray(rng.standard_normal(shape[-1])) if input_bias else None
-        xla, pallas = (DepthwiseConv3x3(shape[-1], impl, residual, apply_gelu, dtype=jnp.float64,
-                                        param_dtype=jnp.float64) for impl in ("xla", "pallas"))
+        xla, pallas = (DepthwiseConv3x3(shape[-1], residual, apply_gelu, dtype=jnp.float64, param_dtype=jnp.float64,
+                                        kernels=f"depthwise={impl}") for impl in ("xla", "pallas"))
         variables = xla.init(jax.random.key(0), x)
         variables = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape)), variables)  # a bias
         want, _, want_grads = outputs_and_grads(xla, variables, x, cotangent, b)
@@ -62,8 +63,8 @@ def test_pallas_kernels_in_bfloat16_stay_close_to_float32():
     shape = (2, 9, 9, 64)
     x, cotangent = (jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i in (1, 2))
     input_bias = jax.random.normal(jax.random.key(3), shape[-1:]).astype(jnp.bfloat16)
-    xla = DepthwiseConv3x3(64, "xla", True, True)
-    pallas = DepthwiseConv3x3(64, "pallas", True, True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    xla = DepthwiseConv3x3(64, True, True, kernels="depthwise=xla")
+    pallas = DepthwiseConv3x3(64, True, True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, kernels="depthwise=pallas")
     variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), xla.init(jax.random.key(0), x))
     as_float32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)  # noqa: E731
     want, _, want_grads = outputs_and_grads(xla, *as_float32((variables, x, cotangent, input_bias)))
@@ -75,24 +76,9 @@ def test_pallas_kernels_in_bfloat16_stay_close_to_float32():
 
 
 def test_depthwise_conv_refuses_a_map_of_another_width():
-    conv = DepthwiseConv3x3(32, "pallas")
+    conv = DepthwiseConv3x3(32, kernels="depthwise=pallas")
     with pytest.raises(ValueError, match="32 channels, got shape"):
         conv.init(jax.random.key(0), jnp.zeros((1, 5, 5, 64)))
-
-
-def test_auto_depthwise_uses_pallas_only_for_16_bit_maps_on_a_gpu():
-    bf16 = jnp.bfloat16
-    assert choose_depthwise("auto", 512, bf16, "gpu") == "pallas"
-    assert choose_depthwise("auto", 32, jnp.float16, "gpu") == "pallas"
-    assert choose_depthwise("auto", 512, jnp.float32, "gpu") == "xla"  # float32 stays exact
-    assert choose_depthwise("auto", 512, bf16, "cpu") == "xla"
-    assert choose_depthwise("auto", 48, bf16, "gpu") == "xla"  # no 32-channel blocks
-    assert choose_depthwise("auto", 512, bf16, "gpu", devices=8) == "xla"  # a Pallas call cannot be sharded
-    assert choose_depthwise("pallas", 512, jnp.float32, "cpu") == "pallas"
-    with pytest.raises(ValueError, match="multiple of 32 channels.*'xla' or 'auto'"):
-        choose_depthwise("pallas", 48, bf16, "gpu")
-    with pytest.raises(ValueError, match="choose one of"):
-        choose_depthwise("cudnn", 512, bf16, "gpu")
 
 
 def grouped_convolutions(model, variables, images):
@@ -101,13 +87,12 @@ def grouped_convolutions(model, variables, images):
 
 
 def test_every_depthwise_conv_of_the_model_takes_the_pallas_path():
-    """The tiny Shunted fixture with depthwise_impl="pallas": no grouped convolution is left in
-    the program, the official float64 logits still hold, and the MAC count is unchanged."""
+    """The tiny Shunted fixture with kernels="depthwise=pallas": no grouped convolution is left in
+    the program, and the official float64 logits still hold."""
     with jax.enable_x64(True):
         arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float64)
-        pallas = model.clone(depthwise_impl="pallas")
+        pallas = model.clone(kernels="depthwise=pallas")
         assert grouped_convolutions(model, variables, images) > 0
         assert grouped_convolutions(pallas, variables, images) == 0
         logits = pallas.apply(variables, images)
         np.testing.assert_allclose(logits, arrays["logits_fp64"], rtol=1e-6, atol=1e-7)
-        assert count_macs(pallas, (64, 48)) == count_macs(model, (64, 48))

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_depthwise import outputs_and_grads
+from helpers.models import outputs_and_grads
 
-from shunted_jax.models.norm import LayerNorm, choose_norm
+from shunted_jax.models.layers import LayerNorm
 
 
 class FlaxLayerNormThenGelu(nn.Module):
@@ -23,7 +23,8 @@ class FlaxLayerNormThenGelu(nn.Module):
 
 def reference_and_pallas(apply_gelu, dtype, param_dtype=None):
     reference = FlaxLayerNormThenGelu(apply_gelu, dtype)
-    pallas = LayerNorm(1e-5, apply_gelu, "pallas", dtype=dtype, param_dtype=param_dtype or dtype, name="norm")
+    pallas = LayerNorm(1e-5, apply_gelu, dtype=dtype, param_dtype=param_dtype or dtype, kernels="norm=pallas",
+                       name="norm")
     return reference, pallas
 
 
@@ -70,13 +71,3 @@ def test_pallas_layer_norm_in_bfloat16_stays_close_to_float32():
     want_grads = ({"params": want_grads[0]["params"]["norm"]}, want_grads[1])
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves((want, want, want_grads))):
         assert np.abs(g - w).max() <= 0.01 * np.abs(w).max()
-
-
-def test_auto_norm_uses_pallas_only_for_16_bit_outputs_on_one_gpu():
-    assert choose_norm("auto", jnp.bfloat16, "gpu") == "pallas"
-    assert choose_norm("auto", jnp.float32, "gpu") == "xla"
-    assert choose_norm("auto", jnp.bfloat16, "cpu") == "xla"
-    assert choose_norm("auto", jnp.bfloat16, "gpu", devices=8) == "xla"
-    assert choose_norm("pallas", jnp.float32, "cpu") == "pallas"
-    with pytest.raises(ValueError, match="choose one of"):
-        choose_norm("fused", jnp.bfloat16, "gpu")

@@ -1,18 +1,11 @@
-"""What the Pallas (Triton) kernels of the models share: where they run, when "auto" picks them,
-their float32 accumulators, and the GELU's pieces (Pallas' Triton lowering has no erf)."""
+"""What the Pallas (Triton) kernels share: where they run, their float32 accumulators, and the
+GELU's pieces (Pallas' Triton lowering has no erf)."""
 from typing import NamedTuple
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plt
-
-
-def kernels_fit(dtype, backend: str, devices: int) -> bool:
-    """The rule of every "auto" choice: a Pallas kernel for 16-bit inputs on one GPU. float32
-    and float64 stay on XLA's exact path, as does a program over several devices: a Pallas call
-    has no sharding rule, so XLA would gather a batch-sharded input onto every device."""
-    return backend == "gpu" and devices == 1 and jnp.dtype(dtype).itemsize == 2
 
 
 def accumulator(dtype):
@@ -57,8 +50,8 @@ def normal_cdf(z, fast_math: bool):
     everywhere, where a bfloat16 output rounds at 4e-3.
 
     With `fast_math` (float32 on a CUDA GPU) the fit's reciprocal and exponential are PTX's
-    approximate instructions instead of IEEE division and libdevice's expf: the GELU was 40%
-    of the depthwise forward kernel's time, and this made that kernel 9-14% faster on an H100.
+    approximate instructions instead of IEEE division and libdevice's expf: the GELU is a large
+    share of the depthwise forward kernel's instructions (BENCHMARKS.md).
     """
     a = jnp.abs(z) * (0.5 ** 0.5)
     t = _approximate("rcp", 1.0 + 0.5 * a) if fast_math else 1.0 / (1.0 + 0.5 * a)
