@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from test_data_helpers import natural_image, small_config, write_jpeg
+from helpers.data import natural_image, small_config, write_jpeg
 
 from shunted_jax import data
 from shunted_jax.data.sources import find_undecodable

@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_data_helpers import jpeg_bytes, natural_image, small_config
+from helpers.data import jpeg_bytes, natural_image, small_config
 
 from shunted_jax import data
 from shunted_jax.data.prepare import main as prepare_main

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_helpers import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
+from helpers.data import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
 
 from shunted_jax import data
 from shunted_jax.data.sources import DatasetNotPreparedError
