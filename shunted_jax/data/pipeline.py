@@ -67,7 +67,7 @@ def _finalise(features: dict) -> dict:
     return {"image": image, "label": tf.cast(features["label"], tf.int32)}
 
 
-def _copies(preprocess: Callable, repeats: int, decode_once: bool, augment_seed):
+def record_copies(preprocess: Callable, repeats: int, decode_once: bool, augment_seed):
     """(record index r, record) -> `repeats` examples stacked, example r*repeats + j augmented with
     seed (augment_seed, r*repeats + j). decode_once decodes the record once for all of them;
     otherwise each copy decodes it again (the decoding ops take either)."""
@@ -121,7 +121,7 @@ class _TrainPlan:
         records = self.source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), self.process_index, self.process_count)
         records = records.take(math.ceil(self.steps * batch / repeats)).skip(first_record).enumerate(start=first_record)
         examples = records.map(
-            _copies(self.preprocess, repeats, self.decode_once, augment_seed),
+            record_copies(self.preprocess, repeats, self.decode_once, augment_seed),
             num_parallel_calls=_parallel_calls(cfg),
             deterministic=True,
         ).unbatch()
