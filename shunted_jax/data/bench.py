@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeated_aug", type=int, default=3, help="copies per record (3: the official recipe)")
     parser.add_argument("--pp", default=config_lib.DEFAULT_PP_TRAIN, help="training preprocessing string")
     parser.add_argument("--compare", action="store_true", help="the pipelines of COMPARED instead of --pp")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements of each pipeline, interleaved; the median counts")
     parser.add_argument("--target", type=float, default=2000.0, help="images/s a training run needs")
     args = parser.parse_args(argv)
     from shunted_jax.data.pipeline import available_cores
@@ -102,14 +103,18 @@ def main(argv=None) -> None:
                    repeated_aug=args.repeated_aug)
         print(f"JPEG {args.jpeg_width}x{args.jpeg_height} -> {args.image_size}x{args.image_size}, batch {args.batch}, "
               f"repeated_aug {args.repeated_aug}, {cores} cores")
-        per_core = {}
-        for name, pp, decode_once in runs:
-            cfg.pp_train = pp
-            rate, per_core[name] = measure(cfg, args.batch, args.warmup, args.batches, decode_once)
-            print(f"{name}: {config_lib.format_pp(pp, cfg)}")
-            print(f"  {rate:.0f} images/s on {cores} cores (wall clock, load {os.getloadavg()[0]:.1f})")
-            print(f"  {per_core[name]:.0f} images/s per core (images per CPU-second of the pipeline)")
-            print(f"  {args.target:.0f} images/s needs {math.ceil(args.target / per_core[name])} cores at this rate")
+        measured = {name: [] for name, _, _ in runs}
+        for _ in range(args.rounds):
+            for name, pp, decode_once in runs:
+                cfg.pp_train = pp
+                measured[name].append(measure(cfg, args.batch, args.warmup, args.batches, decode_once))
+    per_core = {}
+    for name, pp, _ in runs:
+        rate, per_core[name] = (float(np.median(values)) for values in zip(*measured[name]))
+        print(f"{name}: {config_lib.format_pp(pp, cfg)}")
+        print(f"  {rate:.0f} images/s on {cores} cores (wall clock, load {os.getloadavg()[0]:.1f})")
+        print(f"  {per_core[name]:.0f} images/s per core (images per CPU-second of the pipeline)")
+        print(f"  {args.target:.0f} images/s needs {math.ceil(args.target / per_core[name])} cores at this rate")
     if args.compare:
         speed_up = per_core[COMPARED[1][0]] / per_core[COMPARED[0][0]]
         print(f"per-core speed-up over the full host pipeline: {speed_up:.2f}x")
