@@ -116,14 +116,6 @@ def test_decode_and_inception_crop_equals_decode_then_inception_crop(fashion_ima
             np.testing.assert_array_equal(fused, run_op("inception_crop(32)", run_op("decode_uint8", image), seed))
 
 
-@pytest.mark.parametrize("source, target", [((318, 318), (224, 224)), ((97, 131), (32, 32)), ((30, 500), (224, 100)),
-                                            ((500, 375), (256, 341)), ((1, 7), (5, 3)), ((60, 80), (1, 1))])
-def test_resize_bicubic_is_tensorflows_antialiased_bicubic(source, target):
-    image = np.random.default_rng(0).uniform(0, 255, (*source, 3)).astype(np.float32)
-    expected = np.clip(tf.image.resize(image, target, method="bicubic", antialias=True).numpy(), 0, 255)
-    np.testing.assert_allclose(ops.resize_bicubic(tf.constant(image), *target).numpy(), expected, atol=0.02)
-
-
 def test_geometric_ops_keep_uint8_and_round_the_float_result(photo):
     image = photo.astype(np.uint8)
     for spec in ("resize(40)", "resize_shorter(40)", "inception_crop(40)", "center_crop(40)", "flip_lr(1.0)"):
