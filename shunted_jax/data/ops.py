@@ -124,7 +124,9 @@ def inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_m
 def decode_and_crop(image, box_of_shape):
     """uint8 crop at the box `box_of_shape(height, width)` picks, of encoded bytes or of a decoded
     image. A JPEG decodes only the rows and blocks the box needs (tf.image.decode_and_crop_jpeg);
-    anything else decodes whole, then is cropped."""
+    anything else decodes whole, then is cropped. The JPEG crop equals the crop of the whole
+    decode but for 4:2:0 chroma, where the crop's outermost pixels may differ: libjpeg's smooth
+    chroma upsampling sees no neighbour beyond the decoded part."""
 
     def whole():
         decoded = decode_to_uint8(image)
@@ -146,7 +148,7 @@ def decode_and_crop(image, box_of_shape):
 @register("decode_and_inception_crop")
 def decode_and_inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3):
     """decode_uint8|inception_crop(...): the same crop for the same seed, uint8 size x size, but a
-    JPEG decodes only the crop's part."""
+    JPEG decodes only the crop's part (see decode_and_crop)."""
 
     def op(features, seed):
         box_of_shape = functools.partial(
