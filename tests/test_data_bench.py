@@ -1,13 +1,30 @@
-"""The pipeline benchmark runs end to end and reports its figures (no timing is asserted)."""
+"""The pipeline benchmark runs end to end and reports its figures consistently (no timing is asserted)."""
 import re
 
 from shunted_jax.data import bench
 
+TINY = ["--image_size", "32", "--jpeg_width", "64", "--jpeg_height", "48", "--batch", "6", "--warmup", "1", "--batches", "2"]
+
+
+def per_core_rates(report: str) -> list[float]:
+    return [float(rate) for rate in re.findall(r"(\d+) images/s per core \(images per CPU-second", report)]
+
 
 def test_bench_reports_throughput_per_core_and_cores_needed(capsys):
-    bench.main(["--image_size", "32", "--jpeg_width", "64", "--jpeg_height", "48", "--batch", "4", "--warmup", "1", "--batches", "2"])
+    bench.main(TINY)
     report = capsys.readouterr().out
-    assert "randaug(2,9,0.5)" in report and "JPEG 64x48 -> 32x32" in report
-    per_core = float(re.search(r"(\d+) images/s per core \(images per CPU-second", report).group(1))
+    assert "randaug(2,9,0.5)" in report and "JPEG 64x48 -> 32x32" in report and "repeated_aug 3" in report
+    (per_core,) = per_core_rates(report)
     cores = int(re.search(r"2000 images/s needs (\d+) cores", report).group(1))
-    assert per_core > 0 and cores >= 1
+    assert (cores - 1) * (per_core - 0.5) < 2000 <= cores * (per_core + 0.5), "the fewest cores that reach 2000 images/s"
+
+
+def test_compare_ends_with_the_speed_up_of_the_uint8_pipeline(capsys):
+    bench.main(TINY + ["--compare"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = "\n".join(lines)
+    assert "decode|inception_crop(32)|flip_lr|randaug(2,9,0.5)" in report
+    assert "decode_and_inception_crop(32)|flip_lr" in report
+    full, uint8_once, uint8_per_copy = per_core_rates(report)
+    speed_up = float(re.fullmatch(r"per-core speed-up over the full host pipeline: (\d+\.\d\d)x", lines[-1]).group(1))
+    assert abs(speed_up - uint8_once / full) <= 0.01 + 0.5 * (uint8_once + full) / full**2

@@ -3,9 +3,10 @@ import os
 
 import numpy as np
 import pytest
-from test_data_helpers import natural_image, small_config, write_jpeg
+from helpers.data import natural_image, small_config, write_jpeg
 
 from shunted_jax import data
+from shunted_jax.data import config
 from shunted_jax.data.sources import find_undecodable
 
 CLASSES = ("cat", "dog")
@@ -58,6 +59,16 @@ def test_folder_batches_and_labels(image_root, tmp_path):
     assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == [0] * 6 + [1] * 6
     evaluated = list(data.eval_iterator(cfg, 4, 1, 2))
     assert len(evaluated) == 2 and sum(b["mask"].sum() for b in evaluated) == 3
+
+
+def test_folder_batches_through_the_uint8_host_strings(image_root, tmp_path):
+    cfg = folder_config(image_root, tmp_path, pp_train=config.HOST_PP_TRAIN, pp_eval=config.HOST_PP_EVAL, repeated_aug=3)
+    train = next(data.train_iterator(cfg, 6))
+    evaluated = next(data.eval_iterator(cfg, 4))
+    for batch in (train, evaluated):
+        assert batch["image"].shape[1:] == (32, 32, 3) and batch["image"].dtype == np.uint8
+    assert np.array_equal(train["label"][0::3], train["label"][1::3])
+    assert not np.array_equal(train["image"][0::3], train["image"][1::3])
 
 
 def test_missing_folder_and_missing_classes_are_explained(tmp_path):

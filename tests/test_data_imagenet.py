@@ -7,9 +7,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_data_helpers import jpeg_bytes, natural_image, small_config
+from helpers.data import jpeg_bytes, natural_image, small_config
 
 from shunted_jax import data
+from shunted_jax.data import config
 from shunted_jax.data.prepare import main as prepare_main
 from shunted_jax.data.tf_import import tensorflow_datasets
 
@@ -78,3 +79,13 @@ def test_imagenet_eval_uses_the_validation_labels_over_two_processes(imagenet_cf
     assert len(per_process[0]) == len(per_process[1]) == 2
     labels = [int(label) for batches in per_process for b in batches for label in b["label"][b["mask"]]]
     assert collections.Counter(labels) == collections.Counter(expected)
+
+
+def test_imagenet_through_the_uint8_host_strings(imagenet_cfg):
+    cfg = imagenet_cfg.copy_and_resolve_references()
+    cfg.update(pp_train=config.HOST_PP_TRAIN, pp_eval=config.HOST_PP_EVAL, repeated_aug=3)
+    train = next(data.train_iterator(cfg, 6))
+    evaluated = next(data.eval_iterator(cfg, 4))
+    for batch in (train, evaluated):
+        assert batch["image"].shape[1:] == (32, 32, 3) and batch["image"].dtype == np.uint8
+    assert np.array_equal(train["label"][0::3], train["label"][2::3])

@@ -1,7 +1,7 @@
 """Each preprocessing op on real (natural-looking and Fashion-MNIST) images."""
 import numpy as np
 import pytest
-from test_data_helpers import jpeg_bytes, natural_image
+from helpers.data import jpeg_bytes, natural_image
 
 from shunted_jax.data import config, ops, randaug, registry
 from shunted_jax.data.fashion_mnist_demo import DEBIAN_DIR, read_idx
@@ -69,6 +69,74 @@ def test_inception_crop_falls_back_to_a_central_crop_when_nothing_fits():
     top, left, h, w = [int(v) for v in ops.sample_inception_box(400, 10, SEED, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))]
     assert (w, h) == (10, round(10 / (3 / 4))) and top == (400 - h) // 2 and left == 0
     assert run_op("inception_crop(16, scale_min=0.9)", tall).shape == (16, 16, 3)
+
+
+def jpeg_444(image: np.ndarray) -> bytes:
+    """A JPEG without chroma subsampling, which decodes a crop exactly as its full decode."""
+    return tf.io.encode_jpeg(image, quality=95, chroma_downsampling=False).numpy()
+
+
+def test_decode_uint8_gives_the_rgb_of_decode():
+    original = natural_image(48, 64)
+    decoded = run_op("decode_uint8", jpeg_bytes(original))
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, run_op("decode", jpeg_bytes(original)))
+
+
+def fixed_box(top, left, height, width):
+    return lambda image_height, image_width: (top, left, height, width)
+
+
+@pytest.mark.parametrize("box", [(0, 0, 97, 131), (8, 16, 40, 64), (13, 21, 37, 51), (50, 77, 47, 54)])
+def test_fused_decode_and_crop_of_a_jpeg_equals_decode_then_crop(box):
+    """Exact for 4:4:4 JPEGs. With 4:2:0 chroma, libjpeg's smooth chroma upsampling sees no
+    neighbour beyond the decoded part, so the outermost pixels of the crop may differ; the
+    inside is exact."""
+    top, left, height, width = box
+    original = natural_image(97, 131, seed=5)
+    for encoded, border in ((jpeg_444(original), 0), (jpeg_bytes(original), 1)):
+        fused = ops.decode_and_crop(tf.constant(encoded), fixed_box(*box)).numpy()
+        whole = run_op("decode_uint8", encoded)[top : top + height, left : left + width]
+        assert fused.shape == (height, width, 3) and fused.dtype == np.uint8
+        inside = (slice(border, height - border), slice(border, width - border))
+        np.testing.assert_array_equal(fused[inside], whole[inside])
+        assert np.abs(fused.astype(int) - whole).mean() < 1
+
+
+def test_decode_and_inception_crop_equals_decode_then_inception_crop(fashion_images):
+    """The same box for the same seed whatever the input: a JPEG (fused), a PNG (decoded whole),
+    an image already decoded (repeated augmentation's copies)."""
+    photo = natural_image(96, 128, seed=2)
+    grayscale = fashion_images[0][..., None]
+    inputs = (jpeg_444(photo), tf.io.encode_png(grayscale).numpy(), photo, grayscale)
+    for image in inputs:
+        for seed in seeds(3):
+            fused = run_op("decode_and_inception_crop(32)", image, seed)
+            assert fused.shape == (32, 32, 3) and fused.dtype == np.uint8
+            np.testing.assert_array_equal(fused, run_op("inception_crop(32)", run_op("decode_uint8", image), seed))
+
+
+def test_geometric_ops_keep_uint8_and_round_the_float_result(photo):
+    image = photo.astype(np.uint8)
+    for spec in ("resize(40)", "resize_shorter(40)", "inception_crop(40)", "center_crop(40)", "flip_lr(1.0)"):
+        as_uint8, as_float = run_op(spec, image), run_op(spec, image.astype(np.float32))
+        assert as_uint8.dtype == np.uint8 and as_float.dtype == np.float32
+        np.testing.assert_array_equal(as_uint8, np.round(as_float).astype(np.uint8))
+
+
+def test_float_ops_take_uint8_images(photo):
+    image = photo.astype(np.uint8)
+    for spec in ("value_range(0, 1)", "normalize", "randaug(2, 9, 0.5)", "random_erase(1.0)"):
+        np.testing.assert_array_equal(run_op(spec, image), run_op(spec, image.astype(np.float32)))
+
+
+def test_host_strings_give_uint8_at_the_size(fashion_images):
+    photo = jpeg_bytes(natural_image(150, 200, seed=3))
+    mnist = tf.io.encode_png(fashion_images[0][..., None]).numpy()
+    for pp, image in ((config.HOST_PP_TRAIN, photo), (config.HOST_PP_EVAL, photo),
+                      (config.HOST_PP_DEMO_TRAIN, mnist), (config.HOST_PP_DEMO_EVAL, mnist)):
+        out = registry.build(pp.format(image_size=32))({"image": tf.constant(image)}, SEED)["image"]
+        assert out.shape == (32, 32, 3) and out.dtype == tf.uint8, pp
 
 
 def test_flip_lr_mirrors_the_image(photo):

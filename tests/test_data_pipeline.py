@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_helpers import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
+from helpers.data import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
 
 from shunted_jax import data
+from shunted_jax.data import config, pipeline, registry
 from shunted_jax.data.sources import DatasetNotPreparedError
-from shunted_jax.data.tf_import import tensorflow_datasets
+from shunted_jax.data.tf_import import tensorflow, tensorflow_datasets
 
 PLAIN_PP = "decode|resize(32)|value_range(0,1)|normalize"
 
@@ -34,12 +35,15 @@ def test_package_and_synthetic_data_need_no_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_synthetic_train_is_deterministic_and_resumable():
-    cfg = small_config(name="synthetic", num_classes=7)
-    batches = take(data.train_iterator(cfg, 16, process_index=1, process_count=2), 4)
-    assert batches[0]["image"].shape == (8, 32, 32, 3) and batches[0]["image"].dtype == np.float32
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_synthetic_train_makes_its_batch_once_and_resumes(dtype):
+    cfg = small_config(name="synthetic", num_classes=7, synthetic_dtype=dtype)
+    batches = take(data.train_iterator(cfg, 16, process_index=1, process_count=2), 3)
+    assert batches[0]["image"].shape == (8, 32, 32, 3) and batches[0]["image"].dtype == np.dtype(dtype)
     assert batches[0]["label"].dtype == np.int32 and batches[0]["label"].max() < 7
-    assert_same_batches(take(data.train_iterator(cfg, 16, 1, 2, start_step=2), 2), batches[2:])
+    assert all(b["image"] is batches[0]["image"] and b["label"] is batches[0]["label"] for b in batches)
+    assert not batches[0]["image"].flags.writeable
+    assert_same_batches(take(data.train_iterator(cfg, 16, 1, 2, start_step=5), 1), batches[:1])
     other_process = next(data.train_iterator(cfg, 16, 0, 2))
     assert not np.array_equal(other_process["image"], batches[0]["image"])
 
@@ -59,6 +63,9 @@ def test_synthetic_eval_counts_every_example_once():
     assert collections.Counter(labels.tolist()) == collections.Counter(single.tolist())
     last = per_process[2][-1]
     assert last["mask"].dtype == np.bool_ and not last["mask"].all()
+    partial = per_process[0][-1]
+    assert 0 < partial["mask"].sum() < len(partial["mask"])
+    assert (partial["image"][~partial["mask"]] == 0).all() and (partial["image"][partial["mask"]] != 0).all()
 
 
 @pytest.mark.parametrize("global_batch, processes", [(10, 3), (0, 1)])
@@ -74,6 +81,8 @@ def test_bad_config_values_fail_early():
         data.train_iterator(small_config(name="synthetic", repeated_aug=0), 8)
     with pytest.raises(ValueError, match="process_index"):
         data.eval_iterator(small_config(name="synthetic"), 8, 2, 2)
+    with pytest.raises(ValueError, match="synthetic_dtype"):
+        data.train_iterator(small_config(name="synthetic", synthetic_dtype="float16"), 8)
 
 
 def test_demo_dataset_is_a_real_tfds_dataset(demo_data_dir):
@@ -128,6 +137,58 @@ def test_repeated_augmentation_repeats_each_example_with_new_augmentations(demo_
     augmented = next(data.train_iterator(small_config(data_dir=demo_data_dir, repeated_aug=3), 30))
     assert np.array_equal(augmented["label"][0::3], augmented["label"][1::3])
     assert not np.array_equal(augmented["image"][0::3], augmented["image"][1::3])
+
+
+def test_demo_through_the_uint8_host_strings(demo_data_dir):
+    cfg = small_config(data_dir=demo_data_dir, pp_train=config.HOST_PP_DEMO_TRAIN, pp_eval=config.HOST_PP_DEMO_EVAL,
+                       eval_split="test[:20]")
+    train = next(data.train_iterator(cfg, 16))
+    evaluated = next(data.eval_iterator(cfg, 16))
+    for batch in (train, evaluated):
+        assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["image"].max() > 200
+
+
+def decode_ops_in(function) -> int:
+    """How many decoding ops the traced graph of `function` holds, in cond branches too."""
+    graph = function.graph.as_graph_def()
+    nodes = list(graph.node) + [node for f in graph.library.function for node in f.node_def]
+    return sum(node.op.startswith("Decode") for node in nodes)
+
+
+def test_repeated_augmentation_decodes_each_record_once():
+    tf = tensorflow()
+    preprocess = registry.build(config.HOST_PP_TRAIN.format(image_size=32))
+    signature = (tf.TensorSpec([], tf.int64), {"image": tf.TensorSpec([], tf.string), "label": tf.TensorSpec([], tf.int32)})
+    counts = {
+        (repeats, decode_once): decode_ops_in(tf.function(
+            pipeline.record_copies(preprocess, repeats, decode_once, tf.constant(0, tf.int64))
+        ).get_concrete_function(*signature))
+        for repeats, decode_once in ((3, True), (3, False), (1, True))
+    }
+    assert counts[3, True] == 1, "one decode for the three copies"
+    assert counts[3, False] == 3 * counts[1, True] > 0, "the reference decodes each copy"
+
+
+def test_repeated_copies_come_from_one_image_with_their_own_crop_and_flip(demo_data_dir):
+    """Decoding once gives exactly the batches of decoding every copy (PNG: no fused JPEG crop)."""
+    cfg = small_config(data_dir=demo_data_dir, pp_train="decode_and_inception_crop(32)|flip_lr", repeated_aug=3)
+    once = take(pipeline.train_batches(cfg, 12, 0, 1, 0), 2)
+    every_copy = take(pipeline.train_batches(cfg, 12, 0, 1, 0, decode_once=False), 2)
+    assert_same_batches(once, every_copy)
+    images, labels = once[0]["image"], once[0]["label"]
+    assert images.dtype == np.uint8 and np.array_equal(labels[0::3], labels[2::3])
+    for record in range(4):
+        copies = images[3 * record : 3 * record + 3]
+        assert len({copy.tobytes() for copy in copies}) == 3
+
+
+@pytest.mark.parametrize("start_step", [1, 2, 3])
+def test_resume_inside_a_repeated_record_matches_an_uninterrupted_run(demo_data_dir, start_step):
+    """Batches of 4 with 3 copies per record: most resume points fall inside a record."""
+    cfg = small_config(data_dir=demo_data_dir, train_split="train[:30]", repeated_aug=3, pp_train=config.HOST_PP_DEMO_TRAIN)
+    uninterrupted = take(data.train_iterator(cfg, 4), 9)
+    assert_same_batches(take(data.train_iterator(cfg, 4, start_step=start_step), 9 - start_step), uninterrupted[start_step:])
 
 
 def test_demo_eval_counts_every_example_once_over_processes(demo_data_dir):

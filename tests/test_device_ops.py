@@ -9,7 +9,7 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from test_data_helpers import natural_image
+from helpers.data import natural_image
 
 from shunted_jax.data import device_ops, ops, randaug, registry
 from shunted_jax.data.fashion_mnist_demo import DEBIAN_DIR, read_idx

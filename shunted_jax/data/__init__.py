@@ -44,7 +44,8 @@ def dataset_info(cfg) -> DatasetInfo:
 
 
 def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1, start_step: int = 0) -> Iterator[dict]:
-    """Endless {"image": float32 (B, H, W, 3), "label": int32 (B,)} with B = global_batch_size // process_count.
+    """Endless {"image": (B, H, W, 3), "label": int32 (B,)} with B = global_batch_size // process_count;
+    the images are uint8 if data.pp_train gives uint8 (data.synthetic_dtype for synthetic data), else float32.
 
     With start_step=k it yields exactly what an uninterrupted run yields from step k on.
     """

@@ -1,11 +1,15 @@
-"""Throughput of the input pipeline alone, with the full training augmentation:
+"""Throughput of the training input pipeline alone:
 
-    python -m shunted_jax.data.bench
+    python -m shunted_jax.data.bench             # one preprocessing string (--pp)
+    python -m shunted_jax.data.bench --compare   # the uint8 host pipeline against the full one
 
 Writes ImageNet-sized JPEGs (500x375 by default) of natural-looking synthetic photos into a
-temporary `folder:` dataset, runs train_iterator over them and reports images/s in total and
-per CPU core (images per CPU-second, which other load on the machine does not distort),
-and how many cores a given training throughput needs at that rate.
+temporary `folder:` dataset, runs the training pipeline over them (repeated augmentation as
+--repeated_aug) and reports images/s in total and per CPU core (images per CPU-second, which
+other load on the machine does not distort), and how many cores a given training throughput
+needs at that rate. --compare measures, in one run, the full host pipeline (RandAugment,
+normalisation and erasing on the host, each repeated copy decoded again), the uint8 host
+pipeline with one decode per record, and the uint8 one with a fused decode-and-crop per copy.
 """
 import argparse
 import math
@@ -15,7 +19,7 @@ import time
 
 import numpy as np
 
-from shunted_jax import data
+from shunted_jax.data import config as config_lib
 
 
 def natural_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -49,11 +53,13 @@ def write_folder_dataset(root: str, num_files: int, num_distinct: int, height: i
     os.makedirs(os.path.join(root, "val"), exist_ok=True)
 
 
-def measure(cfg, batch_size: int, warmup: int, batches: int) -> tuple[float, float]:
+def measure(cfg, batch_size: int, warmup: int, batches: int, decode_once: bool = True) -> tuple[float, float]:
     """(images per wall-clock second, images per CPU-second of this process) over `batches`
     batches after `warmup` ones (tracing, buffer filling). The CPU figure is the per-core rate,
     and unlike the wall-clock one it holds on a machine that other work shares."""
-    iterator = data.train_iterator(cfg, batch_size)
+    from shunted_jax.data import pipeline
+
+    iterator = pipeline.train_batches(cfg, batch_size, 0, 1, 0, decode_once=decode_once)
     for _ in range(warmup):
         next(iterator)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -61,6 +67,13 @@ def measure(cfg, batch_size: int, warmup: int, batches: int) -> tuple[float, flo
         next(iterator)
     images = batches * batch_size
     return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+COMPARED = (
+    ("full host pipeline, each copy decoded", config_lib.FULL_HOST_PP_TRAIN, False),
+    ("uint8 host pipeline, decoded once", config_lib.HOST_PP_TRAIN, True),
+    ("uint8 host pipeline, fused decode-and-crop per copy", config_lib.HOST_PP_TRAIN, False),
+)
 
 
 def main(argv=None) -> None:
@@ -72,21 +85,39 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batches", type=int, default=24)
-    parser.add_argument("--pp", default=data.default_config().pp_train, help="training preprocessing string")
+    parser.add_argument("--repeated_aug", type=int, default=3, help="copies per record (3: the official recipe)")
+    parser.add_argument("--pp", default=config_lib.DEFAULT_PP_TRAIN, help="training preprocessing string")
+    parser.add_argument("--compare", action="store_true", help="the pipelines of COMPARED instead of --pp")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements of each pipeline, interleaved; the median counts")
     parser.add_argument("--target", type=float, default=2000.0, help="images/s a training run needs")
     args = parser.parse_args(argv)
-    cores = len(os.sched_getaffinity(0))
+    from shunted_jax.data.pipeline import available_cores
+
+    cores = available_cores()
+    runs = COMPARED if args.compare else (("pipeline", args.pp, True),)
     with tempfile.TemporaryDirectory() as root:
         num_files = args.batch * (args.warmup + args.batches)
         write_folder_dataset(root, num_files, min(args.distinct, num_files), args.jpeg_height, args.jpeg_width)
-        cfg = data.default_config()
-        cfg.update(name=f"folder:{root}", data_dir=os.path.join(root, "cache"), image_size=args.image_size, pp_train=args.pp)
-        rate, per_core = measure(cfg, args.batch, args.warmup, args.batches)
-    print(f"pipeline: {args.pp.format(image_size=args.image_size)}")
-    print(f"JPEG {args.jpeg_width}x{args.jpeg_height} -> {args.image_size}x{args.image_size}, batch {args.batch}, {cores} cores")
-    print(f"{rate:.0f} images/s on {cores} cores (wall clock, load {os.getloadavg()[0]:.1f})")
-    print(f"{per_core:.0f} images/s per core (images per CPU-second of the pipeline)")
-    print(f"{args.target:.0f} images/s needs {math.ceil(args.target / per_core)} cores at this rate")
+        cfg = config_lib.default_config()
+        cfg.update(name=f"folder:{root}", data_dir=os.path.join(root, "cache"), image_size=args.image_size,
+                   repeated_aug=args.repeated_aug)
+        print(f"JPEG {args.jpeg_width}x{args.jpeg_height} -> {args.image_size}x{args.image_size}, batch {args.batch}, "
+              f"repeated_aug {args.repeated_aug}, {cores} cores")
+        measured = {name: [] for name, _, _ in runs}
+        for _ in range(args.rounds):
+            for name, pp, decode_once in runs:
+                cfg.pp_train = pp
+                measured[name].append(measure(cfg, args.batch, args.warmup, args.batches, decode_once))
+    per_core = {}
+    for name, pp, _ in runs:
+        rate, per_core[name] = (float(np.median(values)) for values in zip(*measured[name]))
+        print(f"{name}: {config_lib.format_pp(pp, cfg)}")
+        print(f"  {rate:.0f} images/s on {cores} cores (wall clock, load {os.getloadavg()[0]:.1f})")
+        print(f"  {per_core[name]:.0f} images/s per core (images per CPU-second of the pipeline)")
+        print(f"  {args.target:.0f} images/s needs {math.ceil(args.target / per_core[name])} cores at this rate")
+    if args.compare:
+        speed_up = per_core[COMPARED[1][0]] / per_core[COMPARED[0][0]]
+        print(f"per-core speed-up over the full host pipeline: {speed_up:.2f}x")
 
 
 if __name__ == "__main__":

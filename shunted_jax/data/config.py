@@ -7,15 +7,26 @@ DEMO_NAME = "fashion_mnist_demo"
 SYNTHETIC_NAME = "synthetic"
 FOLDER_PREFIX = "folder:"
 
-DEFAULT_PP_TRAIN = (
+# The official recipe done wholly on the host, float32 out.
+FULL_HOST_PP_TRAIN = (
     "decode|inception_crop({image_size})|flip_lr|randaug(2,9,0.5)"
     "|value_range(0,1)|normalize|random_erase(0.25)"
 )
+DEFAULT_PP_TRAIN = FULL_HOST_PP_TRAIN
 DEFAULT_PP_EVAL = "decode|resize_shorter({image_size},0.875)|center_crop({image_size})|value_range(0,1)|normalize"
+
+# The host's part of the same recipe, uint8 out: RandAugment, value range, normalisation and
+# random erasing are left to the accelerator. The demo's pair likewise.
+HOST_PP_TRAIN = "decode_and_inception_crop({image_size})|flip_lr"
+HOST_PP_EVAL = "decode_uint8|resize_shorter({image_size},0.875)|center_crop({image_size})"
+HOST_PP_DEMO_TRAIN = "decode_uint8|resize({image_size})|flip_lr"
+HOST_PP_DEMO_EVAL = "decode_uint8|resize({image_size})"
 
 _ON_CORRUPT = ("skip", "fail")
 # A training config's data section leaves these out: each of its evaluators (config.evals) names its own.
 EVAL_FIELDS = ("eval_split", "pp_eval")
+
+SYNTHETIC_DTYPES = ("float32", "uint8")
 
 
 def default_data_dir() -> str:
@@ -43,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.num_classes = 1000
     cfg.num_train_examples = 1024
     cfg.num_eval_examples = 256
+    cfg.synthetic_dtype = "float32"
     return cfg
 
 
@@ -70,6 +82,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.shuffle_buffer must be >= 1, got {cfg.shuffle_buffer}.")
     if cfg.name == SYNTHETIC_NAME and (int(cfg.num_classes) < 1 or int(cfg.num_train_examples) < 1):
         raise ValueError("synthetic data needs num_classes >= 1 and num_train_examples >= 1.")
+    if cfg.synthetic_dtype not in SYNTHETIC_DTYPES:
+        raise ValueError(
+            f"data.synthetic_dtype must be one of {SYNTHETIC_DTYPES} (what the host pipeline would give), "
+            f"got {cfg.synthetic_dtype!r}."
+        )
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

@@ -1,5 +1,15 @@
-"""The registered preprocessing ops. Images are float32 HxWx3 with values in [0, 255] from
-`decode` until `value_range` rescales them; `normalize` and `random_erase` come after that."""
+"""The registered preprocessing ops.
+
+Images are HxWx3 with values in [0, 255]: uint8 from `decode_uint8` and
+`decode_and_inception_crop`, float32 from `decode`. The geometric ops (crops, resizes, flip)
+keep the dtype, so a uint8 string stays uint8 up to the batch. The float ops (`randaug`,
+`value_range`, `normalize`, `random_erase`) take either and give float32; `normalize` and
+`random_erase` come after `value_range`.
+
+The decoding ops also take an image that is already decoded (uint8): repeated augmentation
+decodes each record once and runs the string on every copy of the decoded image.
+"""
+import functools
 import math
 
 from shunted_jax.data import randaug
@@ -20,27 +30,43 @@ def _replace_image(features: dict, image) -> dict:
     return {**features, "image": image}
 
 
+def _float_image(features: dict):
+    return tf.cast(features["image"], tf.float32)
+
+
 def resize_bicubic(image, height, width):
-    """Bicubic with antialiasing, as PIL's bicubic resize; clipped since bicubic overshoots."""
+    """Bicubic with antialiasing, as PIL's bicubic resize, in the image's dtype: clipped (bicubic
+    overshoots), and rounded for uint8 as PIL rounds."""
     resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
+    if image.dtype == tf.uint8:
+        return tf.saturate_cast(tf.round(resized), tf.uint8)
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
-def decode_to_rgb(image):
-    """Encoded bytes (JPEG/PNG/GIF/BMP) or a uint8 array -> float32 HxWx3; grayscale is repeated."""
+def decode_to_uint8(image):
+    """Encoded bytes (JPEG/PNG/GIF/BMP) or a uint8 array -> uint8 HxWx3; grayscale is repeated."""
     if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
     elif image.shape.rank == 2:
         image = image[..., None]
-    image = tf.cast(image, tf.float32)
     image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
     image.set_shape([None, None, 3])
     return image
 
 
+def decode_to_rgb(image):
+    """Encoded bytes or a uint8 array -> float32 HxWx3 in [0, 255]."""
+    return tf.cast(decode_to_uint8(image), tf.float32)
+
+
 @register("decode")
 def decode():
     return lambda features, seed: _replace_image(features, decode_to_rgb(features["image"]))
+
+
+@register("decode_uint8")
+def decode_uint8():
+    return lambda features, seed: _replace_image(features, decode_to_uint8(features["image"]))
 
 
 def sample_inception_box(height, width, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
@@ -73,6 +99,15 @@ def sample_inception_box(height, width, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4
     return tf.unstack(tf.cond(tf.reduce_any(fits), random_box, central_box))
 
 
+def _crop(image, box):
+    top, left, h, w = box
+    return image[top : top + h, left : left + w]
+
+
+def _square(image, size):
+    return tf.ensure_shape(resize_bicubic(image, size, size), [size, size, 3])
+
+
 @register("inception_crop")
 def inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3):
     """Random-resized (Inception) crop, resized bicubic to size x size."""
@@ -80,10 +115,46 @@ def inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_m
     def op(features, seed):
         image = features["image"]
         shape = tf.shape(image)
-        top, left, h, w = sample_inception_box(shape[0], shape[1], seed, (scale_min, scale_max), (ratio_min, ratio_max))
-        crop = image[top : top + h, left : left + w]
-        resized = resize_bicubic(crop, size, size)
-        return _replace_image(features, tf.ensure_shape(resized, [size, size, 3]))
+        box = sample_inception_box(shape[0], shape[1], seed, (scale_min, scale_max), (ratio_min, ratio_max))
+        return _replace_image(features, _square(_crop(image, box), size))
+
+    return op
+
+
+def decode_and_crop(image, box_of_shape):
+    """uint8 crop at the box `box_of_shape(height, width)` picks, of encoded bytes or of a decoded
+    image. A JPEG decodes only the rows and blocks the box needs (tf.image.decode_and_crop_jpeg);
+    anything else decodes whole, then is cropped. The JPEG crop equals the crop of the whole
+    decode but for 4:2:0 chroma, where the crop's outermost pixels may differ: libjpeg's smooth
+    chroma upsampling sees no neighbour beyond the decoded part."""
+
+    def whole():
+        decoded = decode_to_uint8(image)
+        shape = tf.shape(decoded)
+        return _crop(decoded, box_of_shape(shape[0], shape[1]))
+
+    if image.dtype != tf.string:
+        return whole()
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(image)
+        return tf.image.decode_and_crop_jpeg(image, tf.stack(box_of_shape(shape[0], shape[1])), channels=3)
+
+    crop = tf.cond(tf.io.is_jpeg(image), jpeg, whole)
+    crop.set_shape([None, None, 3])
+    return crop
+
+
+@register("decode_and_inception_crop")
+def decode_and_inception_crop(size, scale_min=0.08, scale_max=1.0, ratio_min=3 / 4, ratio_max=4 / 3):
+    """decode_uint8|inception_crop(...): the same crop for the same seed, uint8 size x size, but a
+    JPEG decodes only the crop's part (see decode_and_crop)."""
+
+    def op(features, seed):
+        box_of_shape = functools.partial(
+            sample_inception_box, seed=seed, scale=(scale_min, scale_max), ratio=(ratio_min, ratio_max)
+        )
+        return _replace_image(features, _square(decode_and_crop(features["image"], box_of_shape), size))
 
     return op
 
@@ -101,9 +172,7 @@ def flip_lr(probability=0.5):
 @register("resize")
 def resize(size):
     """Resize to size x size, ignoring the aspect ratio."""
-    return lambda features, seed: _replace_image(
-        features, tf.ensure_shape(resize_bicubic(features["image"], size, size), [size, size, 3])
-    )
+    return lambda features, seed: _replace_image(features, _square(features["image"], size))
 
 
 def shorter_side_target(size: int, crop_pct: float) -> int:
@@ -148,21 +217,21 @@ def center_crop(size):
 @register("value_range")
 def value_range(low=0.0, high=1.0):
     """Maps [0, 255] linearly onto [low, high]."""
-    return lambda features, seed: _replace_image(features, low + features["image"] * ((high - low) / 255.0))
+    return lambda features, seed: _replace_image(features, low + _float_image(features) * ((high - low) / 255.0))
 
 
 @register("normalize")
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(x - mean) / std per channel; by default ImageNet's, for images in [0, 1]."""
     mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
-    return lambda features, seed: _replace_image(features, (features["image"] - mean_t) / std_t)
+    return lambda features, seed: _replace_image(features, (_float_image(features) - mean_t) / std_t)
 
 
 @register("randaug")
 def randaug_op(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True):
     """RandAugment on [0, 255] images: e.g. randaug(2, 9, 0.5) is timm's rand-m9-mstd0.5-inc1."""
     augment = randaug.RandAugment(num_layers, magnitude, magnitude_std, increasing)
-    return lambda features, seed: _replace_image(features, augment(features["image"], seed))
+    return lambda features, seed: _replace_image(features, augment(_float_image(features), seed))
 
 
 def sample_erase_box(height, width, seed, area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(3.3)), attempts=10):
@@ -201,7 +270,7 @@ def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3
 
     def op(features, seed):
         gate_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        image = features["image"]
+        image = _float_image(features)
         erased = tf.cond(_uniform(gate_seed) < probability, lambda: erase(image, erase_seed), lambda: image)
         return _replace_image(features, erased)
 

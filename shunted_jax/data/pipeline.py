@@ -6,15 +6,20 @@ few left over are dropped, different ones each epoch) and augments example i of 
 with stateless randomness seeded from (cfg.seed, p, e, i). A batch is therefore a pure
 function of (cfg.seed, p, step), so resuming at step k re-reads only the skipped records
 of the current epoch and decodes none of them.
+
+With repeated augmentation (repeated_aug = n) record r of the epoch becomes examples
+r*n ... r*n + n-1, cut from one decode of the record.
 """
 import dataclasses
 import math
+import os
 from typing import Callable, Iterator
 
 import numpy as np
 
 from shunted_jax.data import config as config_lib
 from shunted_jax.data import registry
+from shunted_jax.data.ops import decode_to_uint8
 from shunted_jax.data.sources import make_source
 from shunted_jax.data.tf_import import tensorflow
 
@@ -36,15 +41,47 @@ def _prefetch(cfg) -> int:
     return tf.data.AUTOTUNE if int(cfg.prefetch) < 0 else int(cfg.prefetch)
 
 
-def _repeat_each(dataset, times: int):
-    """Each example `times` times in a row (repeated augmentation: the copies get different seeds)."""
-    if times == 1:
-        return dataset
-    return dataset.flat_map(lambda example: tf.data.Dataset.from_tensors(example).repeat(times))
+def available_cores() -> int:
+    """The cores this process may run on (fewer than the machine's under a CPU affinity mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _with_options(dataset):
+    """The threading the fast JAX input pipelines use (big_vision, Flax's ImageNet example): a
+    private pool of one thread per core, so tf.data does not share TensorFlow's global pools,
+    and each op single-threaded, so the cores go to parallel examples. No prefetch is injected
+    beyond the fixed data.prefetch batches, which bounds the memory."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = available_cores()
+    options.threading.max_intra_op_parallelism = 1
+    options.experimental_optimization.inject_prefetch = False
+    return dataset.with_options(options)
 
 
 def _finalise(features: dict) -> dict:
-    return {"image": tf.cast(features["image"], tf.float32), "label": tf.cast(features["label"], tf.int32)}
+    """uint8 images stay uint8 (a quarter of the bytes to the device); others become float32."""
+    image = features["image"]
+    if image.dtype != tf.uint8:
+        image = tf.cast(image, tf.float32)
+    return {"image": image, "label": tf.cast(features["label"], tf.int32)}
+
+
+def record_copies(preprocess: Callable, repeats: int, decode_once: bool, augment_seed):
+    """(record index r, record) -> `repeats` examples stacked, example r*repeats + j augmented with
+    seed (augment_seed, r*repeats + j). decode_once decodes the record once for all of them;
+    otherwise each copy decodes it again (the decoding ops take either)."""
+
+    def make(record_index, record):
+        if decode_once and repeats > 1:
+            record = {**record, "image": decode_to_uint8(record["image"])}
+        examples = [
+            _finalise(preprocess(record, tf.stack([augment_seed, record_index * repeats + copy])))
+            for copy in range(repeats)
+        ]
+        return {key: tf.stack([example[key] for example in examples]) for key in examples[0]}
+
+    return make
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +96,27 @@ class _TrainPlan:
     process_index: int
     process_count: int
 
+    decode_once: bool
+
     def epoch_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
+        """Skips whole records before decoding; only a record split by the resume point is
+        decoded, for its copies after that point."""
         cfg, batch = self.cfg, self.local_batch
         shuffle_seed = derived_seed(cfg.seed, self.process_index, epoch, _SHUFFLE_STREAM)
         augment_seed = tf.constant(derived_seed(cfg.seed, self.process_index, epoch, _AUGMENT_STREAM), tf.int64)
         repeats = int(cfg.repeated_aug)
-        examples = self.source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), self.process_index, self.process_count)
-        examples = _repeat_each(examples.take(math.ceil(self.steps * batch / repeats)), repeats)
-        examples = examples.take(self.steps * batch).skip(first_step * batch).enumerate(start=first_step * batch)
-        augmented = examples.map(
-            lambda index, ex: _finalise(self.preprocess(ex, tf.stack([augment_seed, index]))),
+        first_example = first_step * batch
+        first_record, copies_to_skip = divmod(first_example, repeats)
+        records = self.source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), self.process_index, self.process_count)
+        records = records.take(math.ceil(self.steps * batch / repeats)).skip(first_record).enumerate(start=first_record)
+        examples = records.map(
+            record_copies(self.preprocess, repeats, self.decode_once, augment_seed),
             num_parallel_calls=_parallel_calls(cfg),
             deterministic=True,
-        )
-        return augmented.batch(batch, drop_remainder=True).prefetch(_prefetch(cfg)).as_numpy_iterator()
+        ).unbatch()
+        examples = examples.skip(copies_to_skip).take(self.steps * batch - first_example)
+        batches = examples.batch(batch, drop_remainder=True).prefetch(_prefetch(cfg))
+        return _with_options(batches).as_numpy_iterator()
 
 
 def _endless(plan: _TrainPlan, epoch: int, first_step: int) -> Iterator[dict]:
@@ -81,12 +125,19 @@ def _endless(plan: _TrainPlan, epoch: int, first_step: int) -> Iterator[dict]:
         epoch, first_step = epoch + 1, 0
 
 
-def train_batches(cfg, local_batch: int, process_index: int, process_count: int, start_step: int) -> Iterator[dict]:
-    """Sets everything up now, so that bad input fails here rather than at the first batch."""
+def train_batches(
+    cfg, local_batch: int, process_index: int, process_count: int, start_step: int, decode_once: bool = True
+) -> Iterator[dict]:
+    """Sets everything up now, so that bad input fails here rather than at the first batch.
+
+    decode_once=False decodes a record again for each repeated-augmentation copy, as the data
+    benchmark's reference: the same batches at a higher cost, but for the border pixels of a
+    decode_and_inception_crop of a JPEG, which decodes only the crop (ops.decode_and_crop).
+    """
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
     steps = config_lib.steps_per_epoch(source.num_train, local_batch * process_count, process_count)
-    plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count)
+    plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count, decode_once)
     return _endless(plan, *divmod(start_step, steps))
 
 
@@ -115,4 +166,4 @@ def eval_batches(cfg, local_batch: int, process_index: int, process_count: int) 
         deterministic=True,
     )
     padded = examples.concatenate(_padding(examples.element_spec, num_batches * local_batch - counts[process_index]))
-    return padded.batch(local_batch, drop_remainder=True).prefetch(_prefetch(cfg)).as_numpy_iterator()
+    return _with_options(padded.batch(local_batch, drop_remainder=True).prefetch(_prefetch(cfg))).as_numpy_iterator()
