@@ -7,15 +7,19 @@
 
 See docs/training.md.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from shunted_jax import train
+from shunted_jax.train import console
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shunted_t.py:demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here; resumes from it.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or evaluate the latest checkpoint.")
+flags.DEFINE_bool("verbose", False, "Also show orbax's and asyncio's own log lines.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,10 +27,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if flags.FLAGS.mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
-    else:
-        train.train_and_evaluate(config, workdir)
+    console.quiet_logging(flags.FLAGS.verbose)
+    try:
+        if flags.FLAGS.mode == "eval":
+            train.evaluate_checkpoint(config, workdir)
+        else:
+            train.train_and_evaluate(config, workdir)
+    except console.RunError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import checkpoint, evaluate, finetune, metrics, sharding, step, state
+from shunted_jax.train import checkpoint, evaluate, finetune, metrics, sharding, step, state, workdirs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -27,19 +27,6 @@ def initialize_distributed(distributed_config) -> None:
                                    process_id=distributed_config.process_id)
     elif distributed_config.auto_detect:
         jax.distributed.initialize()
-
-
-def prepare_workdir(workdir) -> pathlib.Path:
-    """Creates the work directory and proves it writable before anything expensive starts."""
-    workdir = pathlib.Path(workdir).resolve()
-    probe = workdir / f".write_probe_{jax.process_index()}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"--workdir {workdir} is not writable: {error}") from error
-    return workdir
 
 
 def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_steps: int, what: str) -> None:
@@ -63,12 +50,14 @@ class Run:
     model_meta: dict
     steps_per_epoch: int
     total_steps: int
+    lock: workdirs.WorkdirLock | None
 
 
-def build_run(config, workdir) -> Run:
+def build_run(config, workdir, for_training: bool = True) -> Run:
     """Validates the config against the devices and data, and builds model, state and checkpoints."""
     initialize_distributed(config.distributed)
-    workdir = prepare_workdir(workdir)
+    workdir = workdirs.prepare_for_training(workdir) if for_training else workdirs.prepare_for_reading(workdir)
+    lock = workdirs.hold(workdir) if for_training else None
     mesh = sharding.make_mesh(config.mesh)
     check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
                      "global_batch_size")
@@ -78,16 +67,17 @@ def build_run(config, workdir) -> Run:
     model = state.create_model(config.model, info.num_classes)
     setup = step.setup_training(model, config, mesh, image_size=info.image_size,
                                 num_classes=info.num_classes, steps_per_epoch=steps_per_epoch)
-    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
+    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint,
+                                                 read_only=not for_training)
     model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
     return Run(config=config, workdir=workdir, info=info, setup=setup, manager=manager,
                model_meta=model_meta, steps_per_epoch=steps_per_epoch,
-               total_steps=step.total_train_steps(config, steps_per_epoch))
+               total_steps=step.total_train_steps(config, steps_per_epoch), lock=lock)
 
 
-def restore_latest(run: Run):
+def restore_latest(run: Run, set_aside: bool):
     abstract = checkpoint.abstract_like(run.setup.state, run.setup.state_sharding)
-    return checkpoint.restore(run.manager, abstract, run.model_meta)
+    return checkpoint.restore_newest(run.manager, abstract, run.model_meta, set_aside=set_aside)
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
@@ -151,7 +141,7 @@ def train_and_evaluate(config, workdir) -> dict:
     last eval results, or {} when stopped early by preemption."""
     run = build_run(config, workdir)
     if run.manager.latest_step() is not None:
-        train_state = restore_latest(run)
+        train_state = restore_latest(run, set_aside=True)
         logging.info("resumed from %s at step %d", run.manager.directory, int(train_state.step))
     elif config.init_from:
         train_state = finetune.load_pretrained(run.setup.state, run.setup.state_sharding, config.init_from)
@@ -162,9 +152,10 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         return _train(run, train_state, writer)
     finally:
-        run.manager.wait_until_finished()
+        checkpoint.wait_for_saves(run.manager)
         run.manager.close()
         writer.close()
+        run.lock.release()
 
 
 def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
@@ -175,12 +166,13 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
                                   start_step=start)
     log_every = max(1, config.log_every_steps)
     eval_every = interval(config.eval_every_steps, config.eval_every_epochs, run.steps_per_epoch)
-    pending, results = [], {}
+    pending, results, saving = [], {}, None
     last_time, last_step = time.perf_counter(), start
     with PreemptionWatcher() as preemption:
         for step_number in range(start + 1, run.total_steps + 1):
             batch = sharding.global_batch(next(batches), run.setup.batch_sharding, jax.process_count())
             train_state, step_metrics = run.setup.train_step(train_state, batch)
+            saving = checkpoint.check_save(run.manager, saving)
             pending.append((step_number, step_metrics))
             preempted = preemption.requested(step_number)
             last = step_number == run.total_steps
@@ -197,7 +189,7 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
                 logging.info(metrics.progress_line(step_number, run.total_steps, run.steps_per_epoch,
                                                    means, images_per_second, seconds_per_step))
             if save_now:
-                checkpoint.save(run.manager, train_state, run.model_meta)
+                saving = checkpoint.save(run.manager, train_state, run.model_meta)
             if preempted:
                 logging.info("preemption requested: saved step %d and stopping", step_number)
                 return {}
@@ -208,11 +200,11 @@ def _train(run: Run, train_state, writer: metrics.MetricsWriter) -> dict:
 
 def evaluate_checkpoint(config, workdir) -> dict:
     """Evaluates the latest checkpoint in `workdir` (the weights training would evaluate)."""
-    run = build_run(config, workdir)
+    run = build_run(config, workdir, for_training=False)
     if run.manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {run.manager.directory}")
-    train_state = restore_latest(run)
-    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0)
+        raise checkpoint.NoCheckpointError(f"no checkpoint to evaluate in {run.manager.directory}")
+    train_state = restore_latest(run, set_aside=False)
+    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0 and workdirs.can_record(run.workdir))
     try:
         return run_evaluation(run, train_state, writer, int(jax.device_get(train_state.step)))
     finally:

@@ -1,0 +1,36 @@
+"""What a run prints: our progress, warnings and errors, and none of the libraries' internal chatter."""
+import logging
+
+
+class RunError(Exception):
+    """A failure whose message names what failed and what to do; train.py shows it as one line."""
+
+
+def short_cause(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, as 'Type: message', to quote inside one log line.
+
+    A long line keeps its start and its end: storage errors nest their causes, and the end holds the
+    innermost (e.g. "No space left on device").
+    """
+    text = (str(error).strip().splitlines() or [""])[0]
+    if len(text) > limit:
+        text = f"{text[:limit // 3]} ... {text[-(limit * 2 // 3):]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _DropLibraryRecords(logging.Filter):
+    """Drops absl log records emitted from orbax's source files (its per-save INFO lines and the
+    per-array ERROR lines of a failed write, which our own one-line error replaces)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_logging(verbose: bool) -> None:
+    """Unless verbose, silences orbax's log lines and asyncio's "exception was never retrieved"
+    reports; a failed save or restore then shows as our one line instead of hundreds."""
+    if verbose:
+        return
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
