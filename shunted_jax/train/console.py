@@ -1,18 +1,22 @@
 """What a run prints: our progress, warnings and errors, and none of the libraries' internal chatter."""
 import logging
+import re
+
+# Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
+_STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
 
 
 class RunError(Exception):
     """A failure whose message names what failed and what to do; train.py shows it as one line."""
 
 
-def short_cause(error: BaseException, limit: int = 200) -> str:
+def short_cause(error: BaseException, limit: int = 240) -> str:
     """The first line of an error's message, as 'Type: message', to quote inside one log line.
 
     A long line keeps its start and its end: storage errors nest their causes, and the end holds the
     innermost (e.g. "No space left on device").
     """
-    text = (str(error).strip().splitlines() or [""])[0]
+    text = _STORAGE_DETAILS.sub("", (str(error).strip().splitlines() or [""])[0])
     if len(text) > limit:
         text = f"{text[:limit // 3]} ... {text[-(limit * 2 // 3):]}"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
