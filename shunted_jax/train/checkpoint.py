@@ -46,7 +46,12 @@ def make_checkpoint_manager(directory, checkpoint_config, read_only: bool = Fals
 
 
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> int:
-    """Starts a (possibly asynchronous) save at the state's step; returns that step for `check_save`."""
+    """Starts a (possibly asynchronous) save at the state's step; returns that step for `check_save`.
+
+    Orbax waits for the previous save before starting one; waiting here first names the right step
+    if that one failed.
+    """
+    wait_for_saves(manager)
     step = int(jax.device_get(state.step))
     try:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
