@@ -93,7 +93,9 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Except
 
 def all_steps_on_disk(directory: pathlib.Path) -> list[int]:
     """The complete steps in a checkpoint directory (names that are a step number)."""
-    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit()) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
 
 
 def abstract_like(state, state_sharding):

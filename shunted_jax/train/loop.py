@@ -204,7 +204,8 @@ def evaluate_checkpoint(config, workdir) -> dict:
     if run.manager.latest_step() is None:
         raise checkpoint.NoCheckpointError(f"no checkpoint to evaluate in {run.manager.directory}")
     train_state = restore_latest(run, set_aside=False)
-    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0 and workdirs.can_record(run.workdir))
+    writer = metrics.MetricsWriter(run.workdir,
+                                   enabled=jax.process_index() == 0 and workdirs.can_record(run.workdir))
     try:
         return run_evaluation(run, train_state, writer, int(jax.device_get(train_state.step)))
     finally:
