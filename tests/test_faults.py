@@ -8,10 +8,14 @@ import signal
 import subprocess
 import tempfile
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
 import pytest
 
 from helpers import checkpoint_steps, run_train, start_train, wait_for_line
-from shunted_jax.train import metrics
+from shunted_jax.train import checkpoint, metrics
 
 STEPS = ("--config.num_train_steps=6", "--config.checkpoint.every_steps=2")
 
@@ -99,6 +103,18 @@ def test_when_no_checkpoint_restores_one_message_lists_them_all(trained, tmp_pat
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
         "2.damaged-1", "4.damaged-1", "6.damaged-1"]
     assert len(result.stderr.splitlines()) < 60
+
+
+def test_a_checkpoint_of_another_model_stops_the_restore_and_is_not_set_aside(tmp_path):
+    manager = checkpoint.make_checkpoint_manager(tmp_path, ml_collections.ConfigDict({"keep": 3, "asynchronous": False}))
+    for step in (2, 4):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(3)}),
+                                                   meta=ocp.args.JsonSave({"model": {"depth": 1}})))
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="another model .*depth: 1 != 2"):
+        checkpoint.restore_newest(manager, abstract, {"model": {"depth": 2}}, set_aside=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+    manager.close()
 
 
 @contextlib.contextmanager
