@@ -13,9 +13,12 @@ class RunError(Exception):
 def short_cause(error: BaseException, limit: int = 240) -> str:
     """The first line of an error's message, as 'Type: message', to quote inside one log line.
 
-    A long line keeps its start and its end: storage errors nest their causes, and the end holds the
-    innermost (e.g. "No space left on device").
+    An error raised from another is quoted by its innermost cause (orbax wraps tensorstore's errors
+    in a generic one). A long line keeps its start and its end: tensorstore nests causes in one
+    message, and the end holds the innermost (e.g. "No space left on device").
     """
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = _STORAGE_DETAILS.sub("", (str(error).strip().splitlines() or [""])[0])
     if len(text) > limit:
         text = f"{text[:limit // 3]} ... {text[-(limit * 2 // 3):]}"

@@ -79,8 +79,8 @@ def can_record(workdir: pathlib.Path) -> bool:
 def holder_description() -> str:
     """Who holds a workdir: host, process id, start time and command line."""
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return (f"process {os.getpid()} on {socket.gethostname()}, started {started}: "
-            f"{shlex.join([sys.executable, *sys.argv])}")
+    return (f"process {os.getpid()} on {socket.gethostname()}, started {started} "
+            f"(command: {shlex.join([sys.executable, *sys.argv])})")
 
 
 class WorkdirLock:
@@ -119,7 +119,6 @@ class WorkdirLock:
         if self._file is not None:
             self._file.close()
             self._file = None
-
 
 
 def hold(workdir: pathlib.Path) -> WorkdirLock:
