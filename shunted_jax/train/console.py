@@ -1,6 +1,7 @@
 """What a run prints: our progress, warnings and errors, and none of the libraries' internal chatter."""
 import logging
 import re
+import sys
 
 # Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
 _STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
@@ -41,3 +42,13 @@ def quiet_logging(verbose: bool) -> None:
     from absl import logging as absl_logging
     absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _unless_closed_event_loop(sys.unraisablehook)
+
+
+def _unless_closed_event_loop(hook):
+    """Drops the "Event loop is closed" errors of orbax's abandoned coroutines, collected after a
+    failed save; any other unraisable error still reaches `hook`."""
+    def unraisable(info):
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            hook(info)
+    return unraisable
