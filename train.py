@@ -7,22 +7,30 @@
 
 See docs/training.md.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from shunted_jax import train
+from shunted_jax.train import console
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shunted_t.py:demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here; resumes from it.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or run the evaluators on the latest checkpoint.")
+flags.DEFINE_bool("verbose", False, "Also show orbax's and asyncio's own log lines.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.mode == "eval")
+    console.quiet_logging(flags.FLAGS.verbose)
+    try:
+        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.mode == "eval")
+    except console.RunError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

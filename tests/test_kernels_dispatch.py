@@ -136,8 +136,8 @@ def test_checkpoints_written_with_the_old_execution_fields_still_restore(tmp_pat
     """Runs before the `kernels` field wrote `attention_impl` and `depthwise_impl` into the
     checkpoint's meta: they resume, and another architecture is still refused."""
     mesh = meshes()[0]
-    train_state = state.TrainState(step=jnp.asarray(3, jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={},
-                                   opt_state={})
+    train_state = step.TrainState(step=jnp.asarray(3, jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={},
+                                  opt_state={})
     manager = checkpoint.make_checkpoint_manager(tmp_path, ml_collections.ConfigDict({"keep": 1,
                                                                                      "asynchronous": False}))
     old = {"model": {"name": "shunted_t", "attention_impl": "exact", "depthwise_impl": "xla", "scan_unroll": 1}}

@@ -1,6 +1,5 @@
 """train.py end to end on synthetic data: resume after SIGKILL, SIGTERM, eval mode, two processes, errors."""
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -15,62 +14,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common, shunted_t  # noqa: E402
+from helpers.processes import (checkpoint_steps, run_train, start_train, subprocess_env,  # noqa: E402
+                               train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
-from shunted_jax.train import checkpoint, loop, metrics  # noqa: E402
-
-# The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
-SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
-             "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
-             "--config.global_batch_size=16", "--config.eval_batch_size=16",
-             "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",
-             "--config.model.drop_path_rate=0.1"]
-
-
-def subprocess_env(num_devices: int, compilation_cache: bool = True) -> dict:
-    """Each subprocess sees `num_devices` CPU devices and shares the tests' compilation cache."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
-    if compilation_cache:
-        env.update({"JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"})
-    return env
-
-
-# Runs train.py with TensorFlow made unimportable: synthetic-data training must not need it.
-WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
-                      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def train_command(workdir, *flags, without_tensorflow=False) -> list:
-    python = [sys.executable, "-c", WITHOUT_TENSORFLOW] if without_tensorflow else [sys.executable]
-    return [*python, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
-            f"--workdir={workdir}", *SMALL_RUN, *flags]
-
-
-def run_train(workdir, *flags, num_devices=2, without_tensorflow=False) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(workdir, *flags, without_tensorflow=without_tensorflow),
-                            env=subprocess_env(num_devices), cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def start_train(workdir, *flags, num_devices=2, compilation_cache=True) -> subprocess.Popen:
-    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices, compilation_cache),
-                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-
-
-def wait_for_line(process: subprocess.Popen, text: str) -> list:
-    """Reads the process's log until a line contains `text`; returns the lines read."""
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"{text!r} never logged:\n{''.join(lines[-40:])}")
-
-
-def checkpoint_steps(workdir) -> list:
-    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402
 
 
 def saved_params(workdir, step: int) -> dict:
@@ -180,7 +127,7 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
     with pytest.raises(ValueError, match="Unknown model 'shunted_xl'"):
         loop.train_and_evaluate(config, tmp_path / "model")
     (tmp_path / "file").write_text("")
-    with pytest.raises(PermissionError, match="not writable"):
+    with pytest.raises(workdirs.WorkdirError, match="which is a file"):
         loop.train_and_evaluate(small_config(), tmp_path / "file" / "workdir")
     config = small_config()
     config.data.num_train_examples = 8

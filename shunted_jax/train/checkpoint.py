@@ -2,28 +2,100 @@
 
 Each checkpoint has two items: "state" (the TrainState; its step is also the data position) and
 "meta" (JSON: the model config, to refuse restoring into a different model).
+
+Faults: a save that fails in the background is reported at the first step after it failed (the loop
+polls `check_save`), its partial temporary directory removed; a checkpoint that no longer restores
+(truncated or garbled files) is set aside under another name and the one before it restored.
 """
+import pathlib
+import shutil
+
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from shunted_jax.train.console import RunError, short_cause
+
+# Orbax writes a step into "<step>.orbax-checkpoint-tmp..." and renames it when complete.
+TEMPORARY_MARK = ".orbax-checkpoint-tmp"
 
 
-def make_checkpoint_manager(directory, checkpoint_config) -> ocp.CheckpointManager:
+class CheckpointMismatchError(RunError, ValueError):
+    """The checkpoint was written for another model: restoring an older one would not help."""
+
+
+class NoCheckpointError(RunError):
+    """There is no checkpoint to restore, or none of them restores."""
+
+
+class CheckpointSaveError(RunError):
+    """A save failed (full disk, read-only or vanished directory); the run stops at it."""
+
+
+def make_checkpoint_manager(directory, checkpoint_config, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the last `checkpoint_config.keep` checkpoints; the loop decides when to save.
 
     Orbax writes each checkpoint into a temporary directory and renames it when complete, so an
-    interrupted save is never listed or restored.
+    interrupted save is never listed or restored. `read_only` (evaluation) creates and writes nothing.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=checkpoint_config.keep,
-        enable_async_checkpointing=checkpoint_config.asynchronous, create=True)
+        max_to_keep=checkpoint_config.keep, read_only=read_only,
+        enable_async_checkpointing=checkpoint_config.asynchronous, create=not read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
-def save(manager: ocp.CheckpointManager, state, meta: dict) -> None:
-    """Starts a (possibly asynchronous) save at the state's step."""
+def save(manager: ocp.CheckpointManager, state, meta: dict) -> int:
+    """Starts a (possibly asynchronous) save at the state's step; returns that step for `check_save`.
+
+    Orbax waits for the previous save before starting one; waiting here first names the right step
+    if that one failed.
+    """
+    wait_for_saves(manager)
     step = int(jax.device_get(state.step))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as error:  # noqa: BLE001 - any failure of the storage stops the run the same way
+        raise _save_failed(manager, step, error) from None
+    return step
+
+
+def check_save(manager: ocp.CheckpointManager, step: int | None) -> int | None:
+    """Polled every step while the save of `step` runs: None once it has finished, CheckpointSaveError
+    if it failed. Waiting only once orbax says the save is over keeps saves asynchronous."""
+    if step is None or manager.is_saving_in_progress():
+        return step
+    wait_for_saves(manager)
+    return None
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the save in flight (if any) is complete; CheckpointSaveError if it failed."""
+    in_flight = manager.latest_step()
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+        raise _save_failed(manager, in_flight, error) from None
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> CheckpointSaveError:
+    """Removes the failed save's temporary directories (never a complete-looking step) and says what failed."""
+    directory = pathlib.Path(manager.directory)
+    if jax.process_index() == 0 and directory.is_dir():
+        for partial in directory.glob(f"*{TEMPORARY_MARK}*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    latest = max(all_steps_on_disk(directory), default=None)
+    resume = f"step {latest}" if latest is not None else "the start"
+    return CheckpointSaveError(f"saving checkpoint step {step} to {directory / str(step)} failed: "
+                               f"{short_cause(error)}. Fix the storage and rerun: it resumes from {resume}")
+
+
+def all_steps_on_disk(directory: pathlib.Path) -> list[int]:
+    """The complete steps in a checkpoint directory (names that are a step number)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
 
 
 def abstract_like(state, state_sharding):
@@ -67,14 +139,57 @@ def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=N
 def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
     """Restores the latest (or given) step into `abstract_state`'s shardings.
 
-    Raises ValueError naming the differing fields when the checkpoint was written for another model
-    (fields in EXECUTION_FIELDS may differ).
+    Raises CheckpointMismatchError naming the differing fields when the checkpoint was written for
+    another model (fields in EXECUTION_FIELDS may differ).
     """
     step = manager.latest_step() if step is None else step
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     written, expected = _architecture(meta["model"]), _architecture(model_meta["model"])
     if written != expected:
-        raise ValueError(f"checkpoint {manager.directory}/{step} was written for another model "
-                         f"({describe_mismatch(expected, written)}); use a fresh --workdir "
-                         "or config.init_from for fine-tuning")
+        raise CheckpointMismatchError(
+            f"checkpoint {manager.directory}/{step} was written for another model "
+            f"({describe_mismatch(expected, written)}); use a fresh --workdir or config.init_from for fine-tuning")
     return load_state(manager, step, abstract_state)
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, set_aside: bool):
+    """Restores the newest step that restores, or returns None when there is no checkpoint.
+
+    A step that fails to restore (truncated or garbled files) is logged in one line and, with
+    `set_aside` (training), renamed "<step>.damaged-<n>" so that it is kept but never listed again;
+    evaluation (`set_aside=False`) only skips it, as it may run on read-only storage. A checkpoint
+    of another model stops here: an older one was written for the same other model.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, abstract_state, model_meta, step)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever broke the files, the step before may be whole
+            cause = short_cause(error)
+            failures.append(f"step {step} ({cause})")
+        kept = f"; kept aside as {_set_aside(manager, step)}" if set_aside else ""
+        logging.warning("checkpoint step %d in %s cannot be restored: %s%s; trying the step before",
+                        step, manager.directory, cause, kept)
+    if failures:
+        raise NoCheckpointError(
+            f"no checkpoint in {manager.directory} restores; tried {'; '.join(failures)}. "
+            + ("They are kept aside as <step>.damaged-<n>: rerun to start from scratch, or use another --workdir"
+               if set_aside else "Nothing to evaluate"))
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Renames a step's directory to the first free "<step>.damaged-<n>" (never deletes it)."""
+    directory = pathlib.Path(manager.directory)
+    target = next(directory / f"{step}.damaged-{n}" for n in range(1, 10_000)
+                  if not (directory / f"{step}.damaged-{n}").exists())
+    if jax.process_index() == 0:
+        (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+    if step in manager.all_steps():
+        raise RuntimeError(f"orbax still lists checkpoint step {step} after renaming it to {target}")
+    return target

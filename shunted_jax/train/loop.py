@@ -3,7 +3,6 @@ and Flax's imagenet example's: config -> mesh -> data -> model and state -> rest
 with checkpoints and evaluations on the way."""
 import contextlib
 import json
-import pathlib
 import signal
 import time
 
@@ -13,7 +12,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step
+from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step, workdirs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,19 +27,6 @@ def initialize_distributed(distributed_config) -> None:
                                    process_id=distributed_config.process_id)
     elif distributed_config.auto_detect:
         jax.distributed.initialize()
-
-
-def prepare_workdir(workdir) -> pathlib.Path:
-    """Creates the work directory and proves it writable before anything expensive starts."""
-    workdir = pathlib.Path(workdir).resolve()
-    probe = workdir / f".write_probe_{jax.process_index()}"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"--workdir {workdir} is not writable: {error}") from error
-    return workdir
 
 
 def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_steps: int, what: str) -> None:
@@ -94,56 +80,71 @@ def read_checked(pending: list) -> dict:
 
 
 def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
-    """Trains (resuming from the workdir's latest checkpoint), evaluates and checkpoints; returns
-    {evaluator name: results} of the last evaluation, or {} when stopped early by preemption.
+    """Trains (resuming from the workdir's newest checkpoint that restores), evaluates and
+    checkpoints; returns {evaluator name: results} of the last evaluation, or {} when stopped
+    early by preemption.
 
-    With `eval_only`, runs every evaluator once on the latest checkpoint instead of training.
+    With `eval_only`, runs every evaluator once on the newest checkpoint instead of training; it
+    creates and locks nothing, so it may read a workdir that a run is writing, or read-only storage.
     """
     initialize_distributed(config.distributed)
-    workdir = prepare_workdir(workdir)
-    mesh = step.make_mesh(config.mesh)
-    check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
-                     "global_batch_size")
-    check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
+    if eval_only:
+        workdir = workdirs.prepare_for_reading(workdir)
+    else:
+        workdir = workdirs.prepare_for_training(workdir)
+    with contextlib.ExitStack() as cleanup:
+        if not eval_only:
+            cleanup.enter_context(workdirs.hold(workdir))
+        mesh = step.make_mesh(config.mesh)
+        check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
+                         "global_batch_size")
+        check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
 
-    info = data.dataset_info(config.data)
-    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
-                                           jax.process_count())
-    total_steps = optim.total_train_steps(config, steps_per_epoch)
+        info = data.dataset_info(config.data)
+        steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
+                                               jax.process_count())
+        total_steps = optim.total_train_steps(config, steps_per_epoch)
 
-    model = step.create_model(config.model, info.num_classes, mesh)
-    train_state, state_sharding, train_step = step.init_training(
-        config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
-        steps_per_epoch=steps_per_epoch)
-    evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
+        model = step.create_model(config.model, info.num_classes, mesh)
+        train_state, state_sharding, train_step = step.init_training(
+            config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
+            steps_per_epoch=steps_per_epoch)
+        evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
 
-    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint)
-    model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
-    if manager.latest_step() is not None:
+        manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint,
+                                                     read_only=eval_only)
+        cleanup.callback(manager.close)
+        model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
         abstract_state = checkpoint.abstract_like(train_state, state_sharding)
-        train_state = checkpoint.restore(manager, abstract_state, model_meta)
-        logging.info("resumed from %s at step %d", manager.directory, int(train_state.step))
-    elif eval_only:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {manager.directory}")
-    elif config.init_from:
-        train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
-        logging.info("initialised from %s", config.init_from)
-    start = int(jax.device_get(train_state.step))
+        restored = checkpoint.restore_newest(manager, abstract_state, model_meta, set_aside=not eval_only)
+        if restored is not None:
+            train_state = restored
+            logging.info("resumed from %s at step %d", manager.directory, int(train_state.step))
+        elif eval_only:
+            raise checkpoint.NoCheckpointError(f"no checkpoint to evaluate in {manager.directory}")
+        elif config.init_from:
+            train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
+            logging.info("initialised from %s", config.init_from)
+        start = int(jax.device_get(train_state.step))
 
-    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    try:
+        writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0
+                                       and (not eval_only or workdirs.can_record(workdir)))
+        cleanup.callback(writer.close)
         if eval_only:
             return evaluators.run_all(evals, train_state, writer, start, total_steps, force=True)
+        cleanup.callback(checkpoint.wait_for_saves, manager)  # before the manager closes
+
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
         log_every = max(1, config.log_every_steps)
-        pending, results = [], {}
+        pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start
         with PreemptionWatcher() as preemption:
             for step_number in range(start + 1, total_steps + 1):
                 batch = step.global_batch(next(batches), mesh, jax.process_count())
                 train_state, step_metrics = train_step(train_state, batch)
+                saving = checkpoint.check_save(manager, saving)
                 pending.append((step_number, step_metrics))
                 preempted = preemption.requested(step_number)
                 last = step_number == total_steps
@@ -161,13 +162,9 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                     logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
                                                        images_per_second, seconds_per_step))
                 if save_now:
-                    checkpoint.save(manager, train_state, model_meta)
+                    saving = checkpoint.save(manager, train_state, model_meta)
                 if preempted:
                     logging.info("preemption requested: saved step %d and stopping", step_number)
                     return {}
                 results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
         return results
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()

@@ -1,0 +1,54 @@
+"""What a run prints: our progress, warnings and errors, and none of the libraries' internal chatter."""
+import logging
+import re
+import sys
+
+# Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
+_STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
+
+
+class RunError(Exception):
+    """A failure whose message names what failed and what to do; train.py shows it as one line."""
+
+
+def short_cause(error: BaseException, limit: int = 240) -> str:
+    """The first line of an error's message, as 'Type: message', to quote inside one log line.
+
+    An error raised from another is quoted by its innermost cause (orbax wraps tensorstore's errors
+    in a generic one). A long line keeps its start and its end: tensorstore nests causes in one
+    message, and the end holds the innermost (e.g. "No space left on device").
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = _STORAGE_DETAILS.sub("", (str(error).strip().splitlines() or [""])[0])
+    if len(text) > limit:
+        text = f"{text[:limit // 3]} ... {text[-(limit * 2 // 3):]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _DropLibraryRecords(logging.Filter):
+    """Drops absl log records emitted from orbax's source files (its per-save INFO lines and the
+    per-array ERROR lines of a failed write, which our own one-line error replaces)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_logging(verbose: bool) -> None:
+    """Unless verbose, silences orbax's log lines and asyncio's "exception was never retrieved"
+    reports; a failed save or restore then shows as our one line instead of hundreds."""
+    if verbose:
+        return
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _unless_closed_event_loop(sys.unraisablehook)
+
+
+def _unless_closed_event_loop(hook):
+    """Drops the "Event loop is closed" errors of orbax's abandoned coroutines, collected after a
+    failed save; any other unraisable error still reaches `hook`."""
+    def unraisable(info):
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            hook(info)
+    return unraisable

@@ -1,0 +1,62 @@
+"""Helpers of the tests that run train.py as real processes on the demo model."""
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
+SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
+             "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
+             "--config.global_batch_size=16", "--config.eval_batch_size=16",
+             "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",
+             "--config.model.drop_path_rate=0.1"]
+
+# Runs train.py with TensorFlow made unimportable: synthetic-data training must not need it.
+WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
+                      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def subprocess_env(num_devices: int, compilation_cache: bool = True) -> dict:
+    """Each subprocess sees `num_devices` CPU devices and shares the tests' compilation cache."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+    if compilation_cache:
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"})
+    return env
+
+
+def train_command(workdir, *flags, without_tensorflow=False) -> list:
+    python = [sys.executable, "-c", WITHOUT_TENSORFLOW] if without_tensorflow else [sys.executable]
+    return [*python, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
+            f"--workdir={workdir}", *SMALL_RUN, *flags]
+
+
+def run_train(workdir, *flags, num_devices=2, without_tensorflow=False, check=True) -> subprocess.CompletedProcess:
+    """Runs train.py to its end; with `check`, asserts it succeeded."""
+    result = subprocess.run(train_command(workdir, *flags, without_tensorflow=without_tensorflow),
+                            env=subprocess_env(num_devices), cwd=REPO, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def start_train(workdir, *flags, num_devices=2, compilation_cache=True) -> subprocess.Popen:
+    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices, compilation_cache),
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> list:
+    """Reads the process's log until a line contains `text`; returns the lines read."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never logged:\n{''.join(lines[-40:])}")
+
+
+def checkpoint_steps(workdir) -> list:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())

@@ -1,0 +1,170 @@
+"""Faults of real train.py processes: two runs on one workdir, a killed holder, damaged checkpoints,
+a full disk, and evaluation of missing, empty and read-only workdirs."""
+import contextlib
+import pathlib
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+import pytest
+
+from helpers.processes import checkpoint_steps, run_train, start_train, wait_for_line
+from shunted_jax.train import checkpoint, metrics
+
+STEPS = ("--config.num_train_steps=6", "--config.checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted 6-step run with checkpoints 2, 4 and 6: the result every recovery must reach."""
+    workdir = tmp_path_factory.mktemp("trained")
+    run_train(workdir, *STEPS)
+    return workdir
+
+
+def copy_of(trained, destination: pathlib.Path, drop_steps=()) -> pathlib.Path:
+    """A copy of the trained workdir without some steps' checkpoints and their metrics."""
+    shutil.copytree(trained, destination)
+    for step in drop_steps:
+        shutil.rmtree(destination / "checkpoints" / str(step))
+    return destination
+
+
+def final_eval(workdir) -> dict:
+    return [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "eval"][-1]
+
+
+def assert_same_final_eval(workdir, trained) -> None:
+    got, want = final_eval(workdir), final_eval(trained)
+    assert got["step"] == want["step"] == 6
+    assert got["top1"] == want["top1"] and got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines, result.stderr[-3000:]
+    return lines[-1]
+
+
+def test_a_second_run_fails_naming_the_holder_and_a_killed_holder_blocks_nothing(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w", drop_steps=[6])
+    first = start_train(workdir, *STEPS)
+    wait_for_line(first, "resumed from")
+    second = run_train(workdir, *STEPS, check=False)
+    last = error_line(second)
+    assert last.startswith("error: --workdir") and f"in use by process {first.pid} on" in last
+    assert "another --workdir" in last and len(second.stderr.splitlines()) < 60
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert f"process {first.pid} " in (workdir / "run.lock").read_text()
+    restarted = run_train(workdir, *STEPS)
+    assert "resumed from" in restarted.stderr
+    assert f"process {first.pid} " not in (workdir / "run.lock").read_text()
+    assert checkpoint_steps(workdir) == [2, 4, 6]
+    assert_same_final_eval(workdir, trained)
+
+
+def truncate_a_data_file(step_directory: pathlib.Path) -> None:
+    data_file = max((p for p in (step_directory / "state").rglob("d/*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:100])
+
+
+def garble_metadata(step_directory: pathlib.Path) -> None:
+    (step_directory / "state" / "_METADATA").write_text('{"tree_metadata": {garbled')
+
+
+@pytest.mark.parametrize("damage", [truncate_a_data_file, garble_metadata])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumed(trained, tmp_path, damage):
+    workdir = copy_of(trained, tmp_path / "w")
+    damage(workdir / "checkpoints" / "6")
+    resumed = run_train(workdir, *STEPS)
+    warnings = [line for line in resumed.stderr.splitlines() if "cannot be restored" in line]
+    assert len(warnings) == 1 and "checkpoint step 6 " in warnings[0] and "6.damaged-1" in warnings[0]
+    assert "at step 4" in resumed.stderr and len(resumed.stderr.splitlines()) < 60
+    assert (workdir / "checkpoints" / "6.damaged-1" / "state").is_dir()
+    assert checkpoint_steps(workdir) == [2, 4, 6]
+    assert_same_final_eval(workdir, trained)
+
+
+def test_when_no_checkpoint_restores_one_message_lists_them_all(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w")
+    for step in (2, 4, 6):
+        garble_metadata(workdir / "checkpoints" / str(step))
+    result = run_train(workdir, *STEPS, check=False)
+    last = error_line(result)
+    assert last.startswith("error: no checkpoint in") and all(f"step {s} (" in last for s in (2, 4, 6))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+        "2.damaged-1", "4.damaged-1", "6.damaged-1"]
+    assert len(result.stderr.splitlines()) < 60
+
+
+def test_a_checkpoint_of_another_model_stops_the_restore_and_is_not_set_aside(tmp_path):
+    manager = checkpoint.make_checkpoint_manager(tmp_path, ml_collections.ConfigDict({"keep": 3, "asynchronous": False}))
+    for step in (2, 4):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(3)}),
+                                                   meta=ocp.args.JsonSave({"model": {"depth": 1}})))
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="another model .*depth: 1 != 2"):
+        checkpoint.restore_newest(manager, abstract, {"model": {"depth": 2}}, set_aside=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+    manager.close()
+
+
+@contextlib.contextmanager
+def mounted(*mount_arguments):
+    """A temporary mount point with `mount_arguments` mounted on it; skips the test where mounting
+    is not allowed (not root, or no mount command)."""
+    point = pathlib.Path(tempfile.mkdtemp(prefix="faults_mount_"))
+    try:
+        mounting = subprocess.run(["mount", *mount_arguments, str(point)], capture_output=True, text=True)
+    except FileNotFoundError:
+        mounting = None
+    if mounting is None or mounting.returncode != 0:
+        point.rmdir()
+        pytest.skip(f"cannot mount here ({mounting.stderr.strip() if mounting else 'no mount command'})")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+        point.rmdir()
+
+
+def test_a_full_disk_stops_at_the_failed_save_with_one_line(tmp_path):
+    with mounted("-t", "tmpfs", "-o", "size=2m", "tmpfs") as small_disk:
+        result = run_train(small_disk / "w", *STEPS, check=False)
+        checkpoints = small_disk / "w" / "checkpoints"
+        last = error_line(result)
+        assert last.startswith(f"error: saving checkpoint step 2 to {checkpoints / '2'} failed")
+        assert "No space left on device" in last
+        assert not [p.name for p in checkpoints.iterdir() if not p.name.isdigit()]
+        assert len(result.stderr.splitlines()) < 60
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_eval_of_a_missing_or_empty_workdir_says_there_is_no_checkpoint(tmp_path, exists):
+    workdir = tmp_path / "w"
+    if exists:
+        workdir.mkdir()
+    result = run_train(workdir, *STEPS, "--mode=eval", check=False)
+    assert "no checkpoint to evaluate" in error_line(result)
+    assert [p.name for p in tmp_path.iterdir()] == (["w"] if exists else [])
+    assert not exists or not any(workdir.iterdir())
+
+
+def test_eval_on_read_only_storage_skips_a_damaged_latest_checkpoint(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w")
+    truncate_a_data_file(workdir / "checkpoints" / "6")
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    with mounted("--bind", "-o", "ro", str(workdir)) as read_only:
+        with pytest.raises(OSError):
+            (read_only / "probe").write_text("")
+        result = run_train(read_only, *STEPS, "--mode=eval")
+    assert "checkpoint step 6 " in result.stderr and "cannot be restored" in result.stderr
+    assert "eval at step 4" in result.stderr and "read-only" in result.stderr
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
