@@ -120,7 +120,7 @@ def small_config():
 def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
     config = small_config()
     config.global_batch_size = 12
-    with pytest.raises(ValueError, match="global_batch_size=12 .* 8 devices"):
+    with pytest.raises(loop.ConfigError, match="global_batch_size=12 .* 8 devices"):
         loop.train_and_evaluate(config, tmp_path / "batch")
     config = small_config()
     config.model.name = "shunted_xl"
@@ -133,6 +133,37 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
     config.data.num_train_examples = 8
     with pytest.raises(ValueError, match="8 examples.*too few for one local batch of 16"):
         loop.train_and_evaluate(config, tmp_path / "split")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("global_batch_size", 0, "global_batch_size=0 must be at least 1"),
+    ("eval_batch_size", -1, "eval_batch_size=-1 must be at least 1"),
+    ("num_epochs", 0.0, "num_epochs=0.0 trains nothing"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 must be at least 1"),
+])
+def test_values_that_cannot_run_fail_before_anything_is_built(tmp_path, field, value, message):
+    config = small_config()
+    config.num_train_steps = -1
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(loop.ConfigError, match=message):
+        loop.train_and_evaluate(config, tmp_path)
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_zero_steps_evaluates_and_a_complete_run_reports_its_recorded_evaluation(tmp_path, caplog):
+    config = small_config()
+    config.num_train_steps = 0
+    with caplog.at_level("INFO"):
+        first = loop.train_and_evaluate(config, tmp_path)
+    assert first["val"]["count"] == 16
+    assert "val: eval at step 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = loop.train_and_evaluate(config, tmp_path)
+    assert "the run is complete: step 0 of 0" in caplog.text
+    assert "val: recorded at step 0" in caplog.text and "val: eval at step 0" not in caplog.text
+    assert again["val"]["top1"] == pytest.approx(first["val"]["top1"])
+    assert [r["step"] for r in metrics.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"] == [0]
 
 
 def test_every_evaluator_runs_on_its_own_period_and_logs_under_its_name(tmp_path, monkeypatch):

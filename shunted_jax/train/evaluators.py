@@ -107,7 +107,11 @@ def run_all(evaluators, state, writer, step_number: int, last_step: int, force: 
         if force or evaluator.due(step_number, last_step):
             results[evaluator.name] = evaluator.run(state)
             writer.write(evaluator.name, step_number, results[evaluator.name])
-            logging.info("%s: eval at step %d: top1 %.4f top5 %.4f loss %.4f over %d examples",
-                         evaluator.name, step_number, *(results[evaluator.name][key]
-                                                        for key in ("top1", "top5", "loss", "count")))
+            log_results(evaluator.name, step_number, results[evaluator.name])
     return results
+
+
+def log_results(name: str, step_number: int, results: dict, how: str = "eval") -> None:
+    """'val: eval at step 6: top1 ... over N examples' (`how` says whether it ran now or was recorded)."""
+    logging.info("%s: %s at step %d: top1 %.4f top5 %.4f loss %.4f over %d examples", name, how, step_number,
+                 *(results[key] for key in ("top1", "top5", "loss", "count")))

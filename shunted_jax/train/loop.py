@@ -13,10 +13,29 @@ from jax.experimental import multihost_utils
 
 from shunted_jax import data
 from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step, workdirs
+from shunted_jax.train.console import RunError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RunError, FloatingPointError):
     """The loss became NaN or infinite; the last checkpoint before it is kept, the bad state is not saved."""
+
+
+class ConfigError(RunError, ValueError):
+    """A config value that cannot run; the message says which and what to set instead."""
+
+
+def check_config(config) -> None:
+    """Refuses, before anything is built, the values that would crash later or silently do
+    something else than asked."""
+    for name in ("global_batch_size", "eval_batch_size", "accumulation_steps", "log_every_steps"):
+        if config[name] < 1:
+            raise ConfigError(f"config.{name}={config[name]} must be at least 1")
+    for name in ("every_steps", "keep"):
+        if config.checkpoint[name] < 1:
+            raise ConfigError(f"config.checkpoint.{name}={config.checkpoint[name]} must be at least 1")
+    if config.num_train_steps < 0 and config.num_epochs <= 0:
+        raise ConfigError(f"config.num_epochs={config.num_epochs} trains nothing: give a positive number of "
+                          "epochs, or config.num_train_steps (0 only evaluates)")
 
 
 def initialize_distributed(distributed_config) -> None:
@@ -34,7 +53,7 @@ def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_ste
     devices = mesh.devices.size
     micro = batch_size // accumulation_steps
     if batch_size % accumulation_steps or micro % devices or batch_size % process_count:
-        raise ValueError(f"{what}={batch_size} must split into {accumulation_steps} micro-batch(es) "
+        raise ConfigError(f"{what}={batch_size} must split into {accumulation_steps} micro-batch(es) "
                          f"each divisible by the {devices} devices of the mesh (and by {process_count} "
                          "process(es))")
 
@@ -87,6 +106,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
     With `eval_only`, runs every evaluator once on the newest checkpoint instead of training; it
     creates and locks nothing, so it may read a workdir that a run is writing, or read-only storage.
     """
+    check_config(config)
     initialize_distributed(config.distributed)
     if eval_only:
         workdir = workdirs.prepare_for_reading(workdir)
@@ -134,10 +154,14 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
             return evaluators.run_all(evals, train_state, writer, start, total_steps, force=True)
         cleanup.callback(checkpoint.wait_for_saves, manager)  # before the manager closes
 
+        if start >= total_steps:
+            logging.info("the run is complete: step %d of %d", start, total_steps)
+            return evaluate_once(evals, train_state, writer, workdir, start)
+
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
-        log_every = max(1, config.log_every_steps)
+        log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start
         with PreemptionWatcher() as preemption:
@@ -168,3 +192,18 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                     return {}
                 results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
         return results
+
+
+def evaluate_once(evals, train_state, writer, workdir, step_number: int) -> dict:
+    """A complete run's final evaluation: taken from metrics.jsonl when every evaluator has
+    recorded it, run (and recorded) otherwise."""
+    path = workdir / "metrics.jsonl"
+    records = metrics.read_metrics(path) if path.exists() else []
+    recorded = {r["kind"]: r for r in records if r["step"] == step_number}
+    if not all(e.name in recorded for e in evals):
+        return evaluators.run_all(evals, train_state, writer, step_number, step_number, force=True)
+    results = {}
+    for evaluator in evals:
+        results[evaluator.name] = {k: v for k, v in recorded[evaluator.name].items() if k not in ("kind", "step")}
+        evaluators.log_results(evaluator.name, step_number, results[evaluator.name], "recorded")
+    return results
