@@ -40,11 +40,28 @@ def test_undecodable_files_are_found_by_name(image_root):
     assert find_undecodable(paths) == sorted(paths[1:])
 
 
-def test_skip_reports_and_drops_corrupt_files(image_root, tmp_path, capsys):
+def test_skip_drops_corrupt_files(image_root, tmp_path):
     info = data.dataset_info(folder_config(image_root, tmp_path, on_corrupt="skip"))
     assert info == data.DatasetInfo(num_classes=2, num_train_examples=12, num_eval_examples=6, image_size=32)
-    report = capsys.readouterr().out
-    assert "notes.jpg" in report and "truncated.jpg" in report and "skipping 2 file(s)" in report
+
+
+def test_skipped_files_are_reported_once_per_split(tmp_path, caplog):
+    """A run opens its dataset for its sizes, for training and for every evaluation."""
+    root = tmp_path / "corrupt"
+    for split in ("train", "val"):
+        write_jpeg(f"{root}/{split}/cat/0.jpg", natural_image(40, 50))
+        (root / split / "cat" / "empty.jpg").write_bytes(b"")
+        (root / split / "cat" / "notes.png").write_text("not an image")
+    cfg = folder_config(root, tmp_path)
+    data.dataset_info(cfg)
+    next(data.train_iterator(cfg, 1))
+    for _ in range(3):
+        list(data.eval_iterator(cfg, 1))
+    reports = [record.getMessage() for record in caplog.records if "skipping" in record.getMessage()]
+    for split in ("train", "val"):
+        names = [f"{root}/{split}/cat/empty.jpg", f"{root}/{split}/cat/notes.png"]
+        assert sum(all(name in report for name in names) for report in reports) == 1, reports
+    assert len(reports) == 2
 
 
 def test_fail_names_the_corrupt_files(image_root, tmp_path):
@@ -69,6 +86,23 @@ def test_folder_batches_through_the_uint8_host_strings(image_root, tmp_path):
         assert batch["image"].shape[1:] == (32, 32, 3) and batch["image"].dtype == np.uint8
     assert np.array_equal(train["label"][0::3], train["label"][1::3])
     assert not np.array_equal(train["image"][0::3], train["image"][1::3])
+
+
+def test_a_training_class_without_images_is_refused_by_name(tmp_path):
+    root = tmp_path / "classes"
+    for name in ("cat", "dog"):
+        write_jpeg(f"{root}/train/{name}/0.jpg", natural_image(40, 50))
+    os.makedirs(root / "train" / "bird")
+    (root / "train" / "fish").mkdir()
+    (root / "train" / "fish" / "broken.jpg").write_bytes(b"")
+    os.makedirs(root / "val" / "cat")
+    write_jpeg(f"{root}/val/dog/0.jpg", natural_image(40, 50))
+    with pytest.raises(ValueError, match=r"2 class folder\(s\) .* no decodable images .*: bird, fish\. .*add images .* or remove them"):
+        data.dataset_info(folder_config(root, tmp_path))
+    (root / "train" / "bird").rmdir()
+    write_jpeg(f"{root}/train/fish/1.jpg", natural_image(40, 50))
+    info = data.dataset_info(folder_config(root, tmp_path))
+    assert info.num_classes == 3 and info.num_eval_examples == 1
 
 
 def test_missing_folder_and_missing_classes_are_explained(tmp_path):

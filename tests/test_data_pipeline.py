@@ -2,6 +2,7 @@
 import collections
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -216,5 +217,13 @@ def test_unprepared_and_unknown_datasets_say_what_to_do(tmp_path):
     with pytest.raises(DatasetNotPreparedError, match="ILSVRC2012_img_train.tar") as err:
         data.train_iterator(small_config(name="imagenet2012", data_dir=str(tmp_path)), 8)
     assert "python -m shunted_jax.data.prepare --name imagenet2012" in str(err.value)
-    with pytest.raises(ValueError, match="neither a tfds dataset"):
+
+
+def test_an_unknown_dataset_name_is_one_short_error(tmp_path):
+    with pytest.raises(ValueError, match="data.name='no_such_dataset_xyz'") as err:
         data.dataset_info(small_config(name="no_such_dataset_xyz", data_dir=str(tmp_path)))
+    message = str(err.value)
+    assert len(message.splitlines()) < 10
+    assert all(name in message for name in (config.DEMO_NAME, config.SYNTHETIC_NAME, "folder:", "tfds.list_builders()"))
+    shown = "".join(traceback.format_exception(err.value))
+    assert "cifar10" not in shown, "tfds' list of every dataset reaches the user"

@@ -5,8 +5,10 @@ datasets: one shuffled dataset per training epoch (a pure function of the epoch'
 one evaluation dataset in a fixed order.
 """
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -58,6 +60,15 @@ def preparation_instructions(name: str, data_dir: str, manual_dir: str) -> str:
     return f"The tfds dataset {name!r} is not prepared in {data_dir}. Prepare it once with:\n  {command}"
 
 
+def unknown_name_message(name: str) -> str:
+    """Short on purpose: tfds' own error lists every dataset it knows, hundreds of lines."""
+    return (
+        f"data.name={name!r} is not a dataset this project or tfds knows. Use {config_lib.DEMO_NAME!r} (the demo), "
+        f"{config_lib.SYNTHETIC_NAME!r}, '{config_lib.FOLDER_PREFIX}/path/to/root' or a tfds name; tfds' names are "
+        "listed by:\n  python -c \"import tensorflow_datasets as tfds; print(tfds.list_builders())\""
+    )
+
+
 class TfdsSource:
     """A tfds image-classification dataset read with per-process splits."""
 
@@ -66,11 +77,8 @@ class TfdsSource:
             from shunted_jax.data import fashion_mnist_demo  # noqa: F401  (registers the builder)
         try:
             self.builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-        except tfds.core.registered.DatasetNotFoundError as err:
-            raise ValueError(
-                f"data.name={cfg.name!r} is neither a tfds dataset, {config_lib.DEMO_NAME!r}, "
-                f"{config_lib.SYNTHETIC_NAME!r} nor 'folder:/path'."
-            ) from err
+        except tfds.core.registered.DatasetNotFoundError:
+            raise ValueError(unknown_name_message(cfg.name)) from None
         if not self.builder.is_prepared():
             if cfg.name != config_lib.DEMO_NAME:
                 raise DatasetNotPreparedError(preparation_instructions(cfg.name, cfg.data_dir, cfg.manual_dir))
@@ -175,16 +183,37 @@ def cached_undecodable(paths, cache_dir: str) -> list[str]:
     return bad
 
 
+@functools.cache
+def _report_skipped(bad: tuple[str, ...]) -> None:
+    """Logs each list of skipped files once per process: a run opens its dataset several times
+    (its sizes, the training iterator, every evaluation) and the list would repeat each time."""
+    listing = "\n  ".join(bad)
+    logging.getLogger(__name__).warning(
+        "shunted_jax.data: skipping %d file(s) that are not decodable images:\n  %s", len(bad), listing
+    )
+
+
 def _drop_corrupt(split: _FolderSplit, on_corrupt: str, cache_dir: str) -> _FolderSplit:
     bad = cached_undecodable(list(split.paths), cache_dir)
     if not bad:
         return split
-    listing = "\n  ".join(bad)
     if on_corrupt == "fail":
-        raise ValueError(f"{len(bad)} file(s) are not decodable images (data.on_corrupt='fail'):\n  {listing}")
-    print(f"shunted_jax.data: skipping {len(bad)} file(s) that are not decodable images:\n  {listing}", flush=True)
+        raise ValueError(f"{len(bad)} file(s) are not decodable images (data.on_corrupt='fail'):\n  " + "\n  ".join(bad))
+    _report_skipped(tuple(bad))
     keep = ~np.isin(split.paths, bad)
     return _FolderSplit(split.paths[keep], split.labels[keep])
+
+
+def _check_every_class_has_images(train_dir: str, class_names: list[str], labels: np.ndarray) -> None:
+    """A training class folder without images would still get an output of the model's head,
+    one that no example ever trains."""
+    empty = [name for label, name in enumerate(class_names) if not np.any(labels == label)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folder(s) under {train_dir} hold no decodable images "
+            f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}. Every training sub-folder is a class; "
+            "add images to these folders or remove them."
+        )
 
 
 class FolderSource:
@@ -206,6 +235,7 @@ class FolderSource:
         self.eval = _drop_corrupt(_list_images(os.path.join(self.root, eval_split), self.class_names), cfg.on_corrupt, cache_dir)
         if len(self.train.paths) == 0:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir}/<class_name>/.")
+        _check_every_class_has_images(train_dir, self.class_names, self.train.labels)
         self.num_classes = len(self.class_names)
         self.num_train, self.num_eval = len(self.train.paths), len(self.eval.paths)
 
