@@ -1,13 +1,15 @@
 """Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
 Shunted stage shape.
 
-    python benchmarks/kernels.py [attention|ffn|depthwise|all]
+    python benchmarks/kernels.py [attention|pvt_attention|ffn|depthwise|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
 are the tables of BENCHMARKS.md, "Session 2" and "Session 9" (they decide what `kernels="auto"`
 picks for attention), and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the
 FFN's residual) and FeedForward modules with `kernels="depthwise=xla"` and `"depthwise=pallas"`.
+"pvt_attention" runs the attention candidates at PVTv2-b2's shapes (head dim 64, 49 keys) and
+first prints the Pallas kernels' largest error against float32 einsums, forward and gradients.
 """
 import sys
 import time
@@ -27,6 +29,7 @@ ATTENTION_SHAPES = [(3136, 49, 1), (3136, 196, 1), (784, 49, 2), (784, 196, 2), 
                     (49, 49, 16)]  # (queries, keys, heads)
 FFN_SHAPES = [(56, 64, 512), (28, 128, 1024), (14, 256, 1024)]  # (side, channels, hidden)
 DEPTHWISE_SHAPES = FFN_SHAPES + [(7, 512, 2048)]
+PVT_ATTENTION_SHAPES = [(3136, 49, 1), (784, 49, 2), (196, 49, 5), (49, 49, 8)]  # pvt_v2_b2 at 224, head dim 64
 
 
 def report(name: str, fn, *args, runs: int = 20) -> None:
@@ -68,6 +71,19 @@ ATTENTION = {
     "cudnn pad64": cudnn_padded,
     "pallas": lambda q, k, v: short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, jax.default_backend())),
 }
+
+
+def check_against_float32(name: str, fn, q, k, v) -> None:
+    """Largest |output error| and relative gradient error of a 16-bit attention against float32 einsums."""
+    as_float32 = [t.astype(jnp.float32) for t in (q, k, v)]
+    out = jax.jit(fn)(q, k, v).astype(jnp.float32)
+    want = einsum_attention(*as_float32)
+    grads, want_grads = jax.jit(training(fn))(q, k, v), jax.jit(training(einsum_attention))(*as_float32)
+    grad_error = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+                     for g, w in zip(grads, want_grads))
+    print(f"check {name}: forward max |error| {float(jnp.max(jnp.abs(out - want))):.4f} "
+          f"(outputs up to {float(jnp.max(jnp.abs(want))):.2f}); gradients max relative error {grad_error:.4f}",
+          flush=True)
 
 
 def depthwise_conv(u, w):
@@ -119,6 +135,15 @@ def main(part: str) -> None:
             for name, fn in ATTENTION.items():
                 report(f"attention {name} {queries}x{keys} h{heads} fwd b256", fn, q, k, k)
                 report(f"attention {name} {queries}x{keys} h{heads} train b128", training(fn), q[:128], k[:128], k[:128])
+    if part in ("pvt_attention", "all"):
+        for queries, keys, heads in PVT_ATTENTION_SHAPES:
+            q, k, v = (jax.random.normal(part_key, (256, n, heads, 64), BF16)
+                       for part_key, n in zip(jax.random.split(key, 3), (queries, keys, keys)))
+            check_against_float32(f"{queries}x{keys} h{heads} d64", ATTENTION["pallas"], q[:32], k[:32], v[:32])
+            for name in ("exact", "xla", "cudnn", "cudnn pad64", "pallas"):
+                report(f"attention {name} {queries}x{keys} h{heads} d64 fwd b256", ATTENTION[name], q, k, v)
+                report(f"attention {name} {queries}x{keys} h{heads} d64 train b128", training(ATTENTION[name]),
+                       q[:128], k[:128], v[:128])
     if part in ("ffn", "all"):
         for side, channels, hidden in FFN_SHAPES:
             shapes = [(channels, hidden), (hidden,), (3, 3, 1, hidden), (hidden,), (hidden, channels), (channels,)]
