@@ -1,7 +1,7 @@
 """Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
 Shunted stage shape.
 
-    python benchmarks/kernels.py [attention|pvt_attention|ffn|depthwise|all]
+    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These

@@ -1,7 +1,7 @@
-"""Images/s of the official PyTorch Shunted model, measured the way `shunted_jax.bench` measures ours,
+"""Images/s of the official PyTorch Shunted model, measured the way `benchmarks.step` measures ours,
 so that issue 7's comparison can be made again on whichever GPU is lent.
 
-    python benchmarks/torch_reference.py --official PATH/SSA.py --model shunted_s [--compile]
+    python -m benchmarks.torch_reference --official PATH/SSA.py --model shunted_s [--compile]
         [--batch 128] [--eval-batch 256] [--steps 20] [--json FILE]
 
 PATH is a checkout of OliverRensu/Shunted-Transformer (its SSA.py imports timm); none of its code
@@ -10,7 +10,7 @@ of the batch with its reverse (soft targets, as the official recipe's mixup give
 soft-target cross-entropy, backward, fused AdamW (lr 1e-3, weight decay 0.05), parameters and
 optimizer state in float32. Inference: eval mode under `torch.inference_mode`. With `--compile`
 the model is `torch.compile`d and the first step's extra time is reported as the compile time.
-Each part: the same warm-up steps as `shunted_jax.bench`, then `--steps` timed ones between
+Each part: the same warm-up steps as `benchmarks.step`, then `--steps` timed ones between
 device synchronisations. Run it where shunted_jax is importable (installed, or on PYTHONPATH).
 """
 import argparse
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from shunted_jax.bench import WARMUP_STEPS, add_measurement_arguments, append_json_line
+from benchmarks.step import WARMUP_STEPS, add_measurement_arguments, append_json_line
 
 NUM_CLASSES = 1000
 MIX = 0.7  # weight of each image against its partner in the reversed batch

@@ -1,8 +1,8 @@
 """Where an XLA compile spends its time, from XLA's own timers in a log.
 
     TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1 \\
-        python -m shunted_jax.bench --model shunted_s --cache-dir '' 2> xla.log
-    python benchmarks/xla_pass_times.py xla.log [--top 10]
+        python -m benchmarks.step --model shunted_s --cache-dir '' 2> xla.log
+    python -m benchmarks.xla_pass_times xla.log [--top 10]
 
 With that logging XLA prints one "HLO pass: NAME time: ..." line as each pass ends and, on GPU,
 "GpuCompiler::RunHloPasses / RunBackend for MODULE time: ..." per compiled program. This sums

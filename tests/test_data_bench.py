@@ -1,7 +1,7 @@
 """The pipeline benchmark runs end to end and reports its figures consistently (no timing is asserted)."""
 import re
 
-from shunted_jax.data import bench
+from benchmarks import data as bench
 
 TINY = ["--image_size", "32", "--jpeg_width", "64", "--jpeg_height", "48", "--batch", "6", "--warmup", "1", "--batches", "2"]
 

@@ -67,7 +67,7 @@ def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, 
 
     import jax
 
-    from shunted_jax import bench
+    from benchmarks import step as bench
 
     dump = tmp_path / "dump"
     result = bench.main(["--model", "shunted_t", "--batch", "0", "--eval-batch", "2", "--image-size", "32",

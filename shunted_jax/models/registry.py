@@ -1,4 +1,5 @@
 """Model names -> configured modules. Every field of a model can be overridden by name."""
+import ast
 import dataclasses
 from typing import Dict, List, Tuple, Type
 
@@ -54,3 +55,17 @@ def create(name: str, **overrides) -> nn.Module:
     model = cls(**{**fields, **overrides})
     kernels.parse(model.kernels)
     return model
+
+
+def parse_overrides(items) -> dict:
+    """`field=value` strings -> model overrides, values read as Python literals."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"a model field override is field=value, got {item!r}")
+        try:
+            overrides[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[field] = value
+    return overrides

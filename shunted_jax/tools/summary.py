@@ -3,7 +3,6 @@
     python -m shunted_jax.tools.summary --model shunted_s [--image-size 224] [--set attention=sra]
 """
 import argparse
-import ast
 import re
 from typing import Dict, List
 
@@ -68,20 +67,6 @@ def format_table(rows: List[dict], grids) -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(items) -> dict:
-    """`field=value` strings -> model overrides, values read as Python literals."""
-    overrides = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes field=value, got {item!r}")
-        try:
-            overrides[field] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[field] = value
-    return overrides
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=models.list_models())
@@ -89,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
     args = parser.parse_args(argv)
     image_hw = (args.image_size[0], args.image_size[-1])
-    model = models.create(args.model, **parse_overrides(args.set))
+    model = models.create(args.model, **models.parse_overrides(args.set))
     rows = summarize(model, image_hw)
     print(f"{args.model} at {image_hw[0]}x{image_hw[1]} (MACs per image, counted like torch's flop counter / 2)")
     print(format_table(rows, model.stage_grids(*image_hw)))

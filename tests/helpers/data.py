@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from shunted_jax import data
-from shunted_jax.data.bench import natural_image as _photo
+from benchmarks.data import natural_image as _photo
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
 
 
 def natural_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
-    """A natural-looking uint8 photo (gradients, objects, texture); see shunted_jax.data.bench."""
+    """A natural-looking uint8 photo (gradients, objects, texture); see benchmarks/data.py."""
     return _photo(height, width, seed)
 
 

@@ -1,7 +1,8 @@
 """The command line: python -m shunted_jax.tools.ablate --setting small|demo|full --out DIR ..."""
 import argparse
 
-from shunted_jax.tools import ablate, summary
+from shunted_jax import models
+from shunted_jax.tools import ablate
 from shunted_jax.tools.ablate.run import run_ablation
 from shunted_jax.tools.ablate.variants import ABLATIONS_FILE
 
@@ -17,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--image-index", type=int, default=0, help="which test image the attention maps show")
     args = parser.parse_args(argv)
     labels = [label.strip() for label in args.variants.split(",") if label.strip()]
-    outcome = run_ablation(args.setting, args.out, labels, summary.parse_overrides(args.set), args.ablations,
+    outcome = run_ablation(args.setting, args.out, labels, models.parse_overrides(args.set), args.ablations,
                            args.image_index)
     print(outcome["markdown"])
     print("wrote " + ", ".join(str(path) for path in outcome["paths"].values()))

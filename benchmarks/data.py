@@ -1,7 +1,7 @@
 """Throughput of the training input pipeline alone:
 
-    python -m shunted_jax.data.bench             # one preprocessing string (--pp)
-    python -m shunted_jax.data.bench --compare   # the uint8 host pipeline against the full one
+    python -m benchmarks.data             # one preprocessing string (--pp)
+    python -m benchmarks.data --compare   # the uint8 host pipeline against the full one
 
 Writes ImageNet-sized JPEGs (500x375 by default) of natural-looking synthetic photos into a
 temporary `folder:` dataset, runs the training pipeline over them (repeated augmentation as

@@ -1,6 +1,6 @@
 """Images/s of the full train step and of inference, on synthetic in-memory data.
 
-    python -m shunted_jax.bench --model shunted_s [--batch 128] [--eval-batch 256]
+    python -m benchmarks.step --model shunted_s [--batch 128] [--eval-batch 256]
         [--dtype bfloat16] [--steps 20] [--profile DIR] [--json FILE] [--set FIELD=VALUE ...]
         [--compiler-options 'xla_name=value ...']
 
@@ -24,7 +24,6 @@ import numpy as np
 
 from shunted_jax import models
 from shunted_jax.models.flops import count_macs
-from shunted_jax.tools.summary import parse_overrides
 
 # Dense bf16 tensor-core peak (TFLOP/s) by jax device_kind, for the utilisation figure.
 PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
@@ -123,7 +122,7 @@ def utilisation(images_per_s: float, macs_per_image: int, passes: int):
 def run(args) -> dict:
     from shunted_jax.train.step import create_model, make_mesh, parse_compiler_options
 
-    overrides = parse_overrides(args.set)
+    overrides = models.parse_overrides(args.set)
     config = load_training_config(args.model)
     config.model.update({"dtype": args.dtype, **overrides})
     if args.compiler_options is not None:
