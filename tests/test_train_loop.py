@@ -19,7 +19,8 @@ from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics  # noqa: E402
 
 # The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
-SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
+# An empty compilation_cache_dir leaves the cache to $JAX_COMPILATION_CACHE_DIR (subprocess_env).
+SMALL_RUN = ["--config.compilation_cache_dir=", "--config.data.name=synthetic", "--config.data.num_classes=10",
              "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
              "--config.global_batch_size=16", "--config.eval_batch_size=16",
              "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",
@@ -165,7 +166,8 @@ def small_config():
     config.unlock()
     config.data.update({"name": "synthetic", "num_classes": 10, "num_train_examples": 64,
                         "num_eval_examples": 16})
-    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 6, "log_every_steps": 1})
+    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 6, "log_every_steps": 1,
+                   "compilation_cache_dir": ""})  # keeps conftest's cache
     config.checkpoint.every_steps = 2
     return config
 
@@ -224,8 +226,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", poisoned)
+    config = small_config()  # float images, which can be NaN, taken as they are
+    config.data.update({"synthetic_dtype": "float32", "device_pp_train": ""})
     with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
-        loop.train_and_evaluate(small_config(), tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [2]
 
 

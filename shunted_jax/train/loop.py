@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step
+from shunted_jax.train import checkpoint, compilation_cache, evaluators, finetune, metrics, optim, prefetch, step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,6 +100,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
     With `eval_only`, runs every evaluator once on the latest checkpoint instead of training.
     """
     initialize_distributed(config.distributed)
+    compilation_cache.enable(config.compilation_cache_dir)
     workdir = prepare_workdir(workdir)
     mesh = step.make_mesh(config.mesh)
     check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
@@ -137,13 +138,14 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
+        batches = prefetch.prefetch_to_device(
+            batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         log_every = max(1, config.log_every_steps)
         pending, results = [], {}
         last_time, last_step = time.perf_counter(), start
         with PreemptionWatcher() as preemption:
             for step_number in range(start + 1, total_steps + 1):
-                batch = step.global_batch(next(batches), mesh, jax.process_count())
-                train_state, step_metrics = train_step(train_state, batch)
+                train_state, step_metrics = train_step(train_state, next(batches))
                 pending.append((step_number, step_metrics))
                 preempted = preemption.requested(step_number)
                 last = step_number == total_steps
