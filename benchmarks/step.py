@@ -2,10 +2,14 @@
 
     python -m benchmarks.step --model shunted_s [--batch 128] [--eval-batch 256]
         [--dtype bfloat16] [--steps 20] [--profile DIR] [--json FILE] [--set FIELD=VALUE ...]
-        [--compiler-options 'xla_name=value ...']
+        [--compiler-options 'xla_name=value ...'] [--device-pp PP] [--plain-device-pp PP]
 
-The train step is the one `train.py` runs (mixup, forward, backward, AdamW, on the device mesh);
-inference is the jitted forward in eval mode. Reports compile time, peak device memory and the
+The train step is the one `train.py` runs (device augmentation, mixup, forward, backward, AdamW,
+on the device mesh), fed a synthetic uint8 batch as the host pipeline gives it. It is measured
+twice: with the training config's device ops (`data.device_pp_train`, RandAugment, normalisation
+and random erasing; --device-pp to change) and with normalisation alone (--plain-device-pp, ''
+skips this second measurement), so the difference is what the device augmentation costs.
+Inference is the jitted forward in eval mode. Reports compile time, peak device memory and the
 model FLOP utilisation from the project's own MAC count (a backward counted as two forwards).
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
 Models and XLA options are the model's training config (configs/), with --set and
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shunted_jax import models
+from shunted_jax.data import device_ops
 from shunted_jax.models.flops import count_macs
 
 # Dense bf16 tensor-core peak (TFLOP/s) by jax device_kind, for the utilisation figure.
@@ -61,6 +66,7 @@ def _peak_memory_gib():
 
 
 def bench_train(config, model, batch: int, image_size: int, steps: int, profile_dir=None) -> dict:
+    """The train step on one synthetic uint8 batch, with the device ops of `config.data.device_pp_train`."""
     from shunted_jax.train import step
 
     config.global_batch_size = batch
@@ -85,7 +91,7 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
     return {"batch": batch, "images_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
-            "compile_s": compile_s, "loss": float(metrics["loss"])}
+            "compile_s": compile_s, "loss": float(metrics["loss"]), "device_pp": config.data.device_pp_train}
 
 
 def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict) -> dict:
@@ -147,11 +153,20 @@ def run(args) -> dict:
         result["inference"] = inference
         print(format_part("inference", inference), flush=True)
     if args.batch:
-        train = bench_train(config, model, args.batch, args.image_size, args.steps, args.profile)
-        train["peak_memory_gib"] = _peak_memory_gib()
-        train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
-        result["train"] = train
-        print(format_part("train", train), flush=True)
+        parts = {"train": args.device_pp if args.device_pp is not None else config.data.device_pp_train}
+        if args.plain_device_pp:
+            parts["train_plain"] = args.plain_device_pp
+        for kind, device_pp in parts.items():
+            config.data.device_pp_train = device_pp
+            profile = args.profile if kind == "train" else None
+            train = bench_train(config, model, args.batch, args.image_size, args.steps, profile)
+            train["peak_memory_gib"] = _peak_memory_gib()
+            train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
+            result[kind] = train
+            print(format_part(kind, train), flush=True)
+        if "train_plain" in result:
+            result["device_augment_cost"] = 1.0 - result["train_plain"]["step_ms"] / result["train"]["step_ms"]
+            print(f"  device augmentation: {100 * result['device_augment_cost']:.1f}% of the train step", flush=True)
     return result
 
 
@@ -166,8 +181,9 @@ def format_part(kind: str, r: dict) -> str:
     """One measured part, printed as soon as it is measured (a long compile may outlast the run)."""
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
-    return (f"  {kind:<9} batch {r['batch']:>4}: {r['images_per_s']:>9,.0f} img/s  "
-            f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu})")
+    device_pp = f"\n              device_pp={r['device_pp']!r}" if "device_pp" in r else ""
+    return (f"  {kind:<11} batch {r['batch']:>4}: {r['images_per_s']:>9,.0f} img/s  "
+            f"({r['step_ms']:.1f} ms/step, compile {r['compile_s']:.1f} s, peak mem {memory}, MFU {mfu}){device_pp}")
 
 
 def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,20 +204,24 @@ def append_json_line(path, result: dict) -> None:
 
 
 def main(argv=None):
+    from shunted_jax.train import compilation_cache
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=models.list_models())
     add_measurement_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps")
-    parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "shunted_jax" / "jax"),
-                        help="persistent compilation cache ('' to disable)")
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps (with --device-pp's ops)")
+    parser.add_argument("--cache-dir", default=compilation_cache.DEFAULT_DIR,
+                        help="persistent compilation cache ('' leaves JAX's own setting: off unless $JAX_COMPILATION_CACHE_DIR)")
+    parser.add_argument("--device-pp", metavar="PP",
+                        help="the train step's device ops (data.device_ops), instead of the config's data.device_pp_train")
+    parser.add_argument("--plain-device-pp", metavar="PP", default=device_ops.EVAL_PP,
+                        help="the device ops of the second train measurement, without augmentation ('' skips it)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
     parser.add_argument("--compiler-options", metavar="'xla_name=value ...'",
                         help="XLA options of the jitted programs, instead of the config's ('' for XLA's defaults)")
     args = parser.parse_args(argv)
-    if args.cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation_cache.enable(args.cache_dir)
     result = run(args)
     append_json_line(args.json, result)
     return result

@@ -7,9 +7,12 @@ import ml_collections
 
 from shunted_jax import data, models
 from shunted_jax.data import config as data_config
+from shunted_jax.data import device_ops
+from shunted_jax.train import compilation_cache
 
-DEMO_PP_TRAIN = "decode|resize({image_size})|flip_lr|value_range(0,1)|normalize"
-DEMO_PP_EVAL = "decode|resize({image_size})|value_range(0,1)|normalize"
+# The demo's recipe (no RandAugment, no erasing): resize and flip on the host, uint8 out;
+# value range and normalisation on the device.
+DEMO_DEVICE_PP = "value_range(0,1)|normalize"
 
 
 def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.ConfigDict:
@@ -39,11 +42,12 @@ def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.Confi
     return ml_collections.ConfigDict(parsed)
 
 
-def evaluator(pp: str, *, dataset: str = "", split: str = "", every_steps: int = -1,
-              every_epochs: float = 1.0) -> ml_collections.ConfigDict:
-    """One entry of config.evals (shunted_jax.train.evaluators): dataset "" is the training data's,
-    split "" the first of validation/val/test it has; every_steps > 0 wins over every_epochs."""
-    return ml_collections.ConfigDict({"dataset": dataset, "split": split, "pp": pp,
+def evaluator(pp: str, *, device_pp: str = device_ops.EVAL_PP, dataset: str = "", split: str = "",
+              every_steps: int = -1, every_epochs: float = 1.0) -> ml_collections.ConfigDict:
+    """One entry of config.evals (shunted_jax.train.evaluators): `pp` on the host, `device_pp` in the
+    eval step; dataset "" is the training data's, split "" the first of validation/val/test it has;
+    every_steps > 0 wins over every_epochs."""
+    return ml_collections.ConfigDict({"dataset": dataset, "split": split, "pp": pp, "device_pp": device_pp,
                                       "every_steps": every_steps, "every_epochs": every_epochs})
 
 
@@ -65,6 +69,15 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.data.name = "imagenet2012"
     config.data.image_size = 224
     config.data.repeated_aug = 3
+    # The host decodes, crops and flips to uint8; the device ops (data.device_ops) do RandAugment,
+    # normalisation and random erasing in the train step. A float host string needs device_pp_train="".
+    config.data.pp_train = data_config.HOST_PP_TRAIN
+    config.data.device_pp_train = device_ops.TRAIN_PP
+    config.data.synthetic_dtype = "uint8"  # synthetic data stands in for the uint8 host pipeline
+    config.prefetch_to_device = 2  # global batches put on the devices ahead of the step
+    # Compiled programs persist here, so a restarted run does not compile again; "" leaves JAX's own
+    # setting (off unless $JAX_COMPILATION_CACHE_DIR is set).
+    config.compilation_cache_dir = compilation_cache.DEFAULT_DIR
 
     config.global_batch_size = 1024
     config.eval_batch_size = 1024
@@ -91,7 +104,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "asynchronous": True})
     config.log_every_steps = 100
     # Evaluation sets by name, each logged as name/top1, ...; config.eval_batch_size for all of them.
-    config.evals = ml_collections.ConfigDict({"val": evaluator(data_config.DEFAULT_PP_EVAL)})
+    config.evals = ml_collections.ConfigDict({"val": evaluator(data_config.HOST_PP_EVAL)})
     config.init_from = ""  # a checkpoint converted by shunted_jax.convert, for fine-tuning
     config.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto_detect": False})
@@ -104,8 +117,10 @@ def to_demo(config, model_overrides: dict):
     config.data.name = "fashion_mnist_demo"
     config.data.image_size = 32
     config.data.repeated_aug = 1
-    config.data.pp_train = DEMO_PP_TRAIN
-    config.evals = ml_collections.ConfigDict({"val": evaluator(DEMO_PP_EVAL)})
+    config.data.pp_train = data_config.HOST_PP_DEMO_TRAIN
+    config.data.device_pp_train = DEMO_DEVICE_PP
+    config.evals = ml_collections.ConfigDict(
+        {"val": evaluator(data_config.HOST_PP_DEMO_EVAL, device_pp=DEMO_DEVICE_PP)})
     config.global_batch_size = 128
     config.eval_batch_size = 1000
     config.num_epochs = 1.0

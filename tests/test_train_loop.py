@@ -112,7 +112,8 @@ def small_config():
     config.unlock()
     config.data.update({"name": "synthetic", "num_classes": 10, "num_train_examples": 64,
                         "num_eval_examples": 16})
-    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 6, "log_every_steps": 1})
+    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 6, "log_every_steps": 1,
+                   "compilation_cache_dir": ""})  # keeps conftest's cache
     config.checkpoint.every_steps = 2
     return config
 
@@ -202,9 +203,50 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", poisoned)
+    config = small_config()  # float images, which can be NaN, taken as they are
+    config.data.update({"synthetic_dtype": "float32", "device_pp_train": ""})
     with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
-        loop.train_and_evaluate(small_config(), tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [2]
+
+
+def test_train_batches_reach_the_step_through_the_device_prefetch(tmp_path, monkeypatch):
+    from shunted_jax.train import prefetch
+    sizes, handed = [], []
+    real = prefetch.prefetch_to_device
+
+    def recording(batches, to_device, size):
+        sizes.append(size)
+        for batch in real(batches, to_device, size):
+            handed.append((type(batch["image"]), batch["image"].dtype, batch["image"].shape))
+            yield batch
+
+    monkeypatch.setattr(prefetch, "prefetch_to_device", recording)
+    config = small_config()
+    config.update({"num_train_steps": 2, "prefetch_to_device": 3})
+    loop.train_and_evaluate(config, tmp_path)
+    assert sizes == [3]
+    assert len(handed) >= 2 and all(issubclass(kind, jax.Array) for kind, _, _ in handed)
+    assert handed[0][1:] == (np.uint8, (16, 32, 32, 3))  # uint8 over the wire
+
+
+def test_compilation_cache_dir_of_the_config_reaches_jax(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    before_min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    config = small_config()
+    config.global_batch_size = 12  # stops at the batch check, right after the cache is set
+    try:
+        config.compilation_cache_dir = ""
+        with pytest.raises(ValueError, match="global_batch_size=12"):
+            loop.train_and_evaluate(config, tmp_path / "keep")
+        assert jax.config.jax_compilation_cache_dir == before
+        config.compilation_cache_dir = str(tmp_path / "cache")
+        with pytest.raises(ValueError, match="global_batch_size=12"):
+            loop.train_and_evaluate(config, tmp_path / "set")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before_min_seconds)
 
 
 @pytest.mark.parametrize("config_file", ["shunted_t", "vit"])

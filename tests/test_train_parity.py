@@ -61,6 +61,7 @@ def fixture_config(meta):
     config = common.imagenet_config(meta["model"], drop_path_rate=0.0, grad_clip_norm=meta["clip"] or 0.0)
     config.model.update({**model_fields(meta), "dtype": "float64", "param_dtype": "float64"})
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
+    config.data.device_pp_train = ""  # the fixture's images are finished float64
     config.label_smoothing = meta["label_smoothing"]
     config.optimizer.update({"b1": meta["betas"][0], "b2": meta["betas"][1], "eps": meta["eps"],
                              "weight_decay": meta["weight_decay"]})

@@ -1,7 +1,10 @@
 """Evaluators built from `config.evals`, as big_vision's: each a dataset split with its own
-preprocessing and period, logged under its own name.
+preprocessing and period, logged under its own name. `pp` runs on the host (uint8 out),
+`device_pp` (data.device_ops, normalisation) in the jitted eval step; an empty `device_pp` takes
+the host's images as they are (train.step.apply_device_pp).
 
-    config.evals.val = {"dataset": "", "split": "", "pp": "decode|...", "every_steps": -1, "every_epochs": 1.0}
+    config.evals.val = {"dataset": "", "split": "", "pp": "decode_uint8|...", "device_pp": "value_range(0,1)|normalize",
+                        "every_steps": -1, "every_epochs": 1.0}
 
 An empty dataset is the training data's (`config.data.name`); an empty split is the first of
 validation, val and test that the dataset has. Each evaluator runs every `every_steps` (> 0) or
@@ -24,11 +27,21 @@ from shunted_jax.train import step
 TRAIN_KIND = "train"
 
 
-def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options: dict) -> Callable:
+def eval_images(device_pp: str, images):
+    """An evaluation batch through its device ops (deterministic: the keys are fixed)."""
+    return step.apply_device_pp(device_pp, images, jax.random.key(0), 0)
+
+
+def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options: dict,
+                   device_pp: str) -> Callable:
     """`eval_step(state, batch) -> sums` of top-1 and top-5 hits, loss and examples over the
-    examples whose `mask` is true (padding is excluded), as replicated scalars."""
+    examples whose `mask` is true (padding is excluded), as replicated scalars; the images go
+    through the device ops of `device_pp` first."""
+    step.check_device_pp(device_pp)
+
     def eval_step(state: step.TrainState, batch):
-        logits = model.apply(state.variables(use_ema), batch["image"], train=False).astype(jnp.float32)
+        images = eval_images(device_pp, batch["image"])
+        logits = model.apply(state.variables(use_ema), images, train=False).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
         hits = top == labels[:, None]
@@ -87,15 +100,19 @@ def interval(steps: int, epochs: float, steps_per_epoch: int) -> int:
 
 
 def from_config(config, model, mesh, state_sharding, steps_per_epoch: int) -> list[Evaluator]:
-    """One Evaluator per entry of config.evals, all sharing one compiled eval step."""
+    """One Evaluator per entry of config.evals; those with the same device pp share one eval step."""
     if TRAIN_KIND in config.evals:
         raise ValueError(f"config.evals.{TRAIN_KIND}: the name {TRAIN_KIND!r} is the train step's metrics; "
                          "give the evaluator another name")
-    eval_step = make_eval_step(model, mesh, state_sharding, config.ema_decay > 0,
-                               step.parse_compiler_options(config.compiler_options))
+    compiler_options = step.parse_compiler_options(config.compiler_options)
+    eval_steps = {}
+    for spec in config.evals.values():
+        if spec.device_pp not in eval_steps:
+            eval_steps[spec.device_pp] = make_eval_step(model, mesh, state_sharding, config.ema_decay > 0,
+                                                        compiler_options, spec.device_pp)
     return [Evaluator(name=name, data_config=eval_data_config(config, name),
                       every_steps=interval(spec.every_steps, spec.every_epochs, steps_per_epoch),
-                      batch_size=config.eval_batch_size, eval_step=eval_step, mesh=mesh)
+                      batch_size=config.eval_batch_size, eval_step=eval_steps[spec.device_pp], mesh=mesh)
             for name, spec in config.evals.items()]
 
 

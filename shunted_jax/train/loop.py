@@ -12,7 +12,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import checkpoint, evaluators, finetune, metrics, optim, step, workdirs
+from shunted_jax.train import (checkpoint, compilation_cache, evaluators, finetune, metrics, optim, prefetch,
+                               step, workdirs)
 from shunted_jax.train.console import RunError
 
 
@@ -108,6 +109,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
     """
     check_config(config)
     initialize_distributed(config.distributed)
+    compilation_cache.enable(config.compilation_cache_dir)
     if eval_only:
         workdir = workdirs.prepare_for_reading(workdir)
     else:
@@ -161,13 +163,14 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       start_step=start)
+        batches = prefetch.prefetch_to_device(
+            batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start
         with PreemptionWatcher() as preemption:
             for step_number in range(start + 1, total_steps + 1):
-                batch = step.global_batch(next(batches), mesh, jax.process_count())
-                train_state, step_metrics = train_step(train_state, batch)
+                train_state, step_metrics = train_step(train_state, next(batches))
                 saving = checkpoint.check_save(manager, saving)
                 pending.append((step_number, step_metrics))
                 preempted = preemption.requested(step_number)

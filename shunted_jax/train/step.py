@@ -5,6 +5,9 @@ the jitted step. The recipe's other two pieces are `optim` (schedule, AdamW) and
                                                       num_classes=1000, steps_per_epoch=1251)
     state, metrics = train_step(state, synthetic_batch(mesh, 1024, 224, 1000))   # state is donated
 
+The batch's images come from the host as uint8; the step applies `config.data.device_pp_train`
+(`data.device_ops`: RandAugment, normalisation, random erasing) on the device before mixup/CutMix.
+
 `train.loop` and `bench` both build the step with `init_training`, so a benchmark times the step
 training runs.
 """
@@ -20,6 +23,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from shunted_jax import kernels, models
+from shunted_jax.data import device_ops
 from shunted_jax.train import mixup, optim
 
 
@@ -129,11 +133,53 @@ def global_batch(local_batch: dict, mesh: Mesh, process_count: int) -> dict:
 
 
 def synthetic_batch(mesh: Mesh, global_batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:
-    """A random global batch in the step's input sharding (for benchmarks and smoke tests)."""
+    """A random global batch in the step's input sharding (for benchmarks and smoke tests): uint8
+    images, as the host pipeline gives them to the device ops."""
     rng = np.random.default_rng(seed)
-    batch = {"image": rng.standard_normal((global_batch_size, image_size, image_size, 3), np.float32),
+    batch = {"image": rng.integers(0, 256, (global_batch_size, image_size, image_size, 3), np.uint8),
              "label": rng.integers(0, num_classes, global_batch_size).astype(np.int32)}
     return jax.device_put(batch, batch_sharding(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# The device's part of the preprocessing.
+
+# The device augmentation's keys come from fold_in(key(seed), DEVICE_AUGMENT_STREAM), apart from
+# the mixup and dropout keys, which come from fold_in(key(seed), step) with far smaller steps.
+DEVICE_AUGMENT_STREAM = 2 ** 31 - 1
+
+
+def apply_device_pp(pp: str, images, base_key, step_number):
+    """`images` through the device ops of `pp` (data.device_ops), with per-example keys from
+    (base_key, step_number, row of the global batch): alike on any mesh and after a resume.
+
+    The device ops take uint8 images, as the host's uint8 strings give them. An empty `pp` applies
+    nothing: uint8 images become float32, float images pass as they are (float64 in the parity
+    tests). A float batch with a non-empty `pp` is refused rather than normalised twice.
+    """
+    if not pp:
+        return images.astype(jnp.float32) if images.dtype == jnp.uint8 else images
+    if images.dtype != jnp.uint8:
+        raise ValueError(
+            f"the device pp {pp!r} takes uint8 images, but the batch is {images.dtype}: its host pp "
+            "already gives finished float images (data.synthetic_dtype='float32', or a full host string "
+            "such as FULL_HOST_PP_TRAIN). Use a uint8 host string (data.config.HOST_PP_*) or set the "
+            "device pp to '' (data.device_pp_train='' or evals.NAME.device_pp='').")
+    keys = device_ops.example_keys(base_key, step_number, jnp.arange(images.shape[0]))
+    return device_ops.build(pp)(images, keys)
+
+
+def check_device_pp(pp: str) -> None:
+    """Unknown device ops and bad arguments fail here, before anything slow starts."""
+    if pp:
+        device_ops.parse(pp)
+
+
+def device_preprocess(config, images, step_number):
+    """The train step's device preprocessing (`config.data.device_pp_train`) of a global batch at
+    `step_number`; its keys are a stream of config.seed apart from mixup's and dropout's."""
+    augment_key = jax.random.fold_in(jax.random.key(config.seed), DEVICE_AUGMENT_STREAM)
+    return apply_device_pp(config.data.device_pp_train, images, augment_key, step_number)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,18 +289,21 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
                     mesh, state_sharding, num_classes: int, compiler_options: dict) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
-    `batch` is {"image": f32 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. Mixup/CutMix
-    and label smoothing happen inside; randomness is `fold_in(key(config.seed), step)`, so it is
-    the same on any mesh and after a resume. Metrics: loss, grad_norm, lr (replicated scalars).
+    `batch` is {"image": uint8 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. The device
+    preprocessing (`device_preprocess`), mixup/CutMix and label smoothing happen inside; randomness
+    is `fold_in(key(config.seed), step)` (the device ops': `example_keys` of their own stream), so
+    it is the same on any mesh and after a resume. Metrics: loss, grad_norm, lr (replicated scalars).
     XLA compiles it with `compiler_options` (see `parse_compiler_options`).
     """
+    check_device_pp(config.data.device_pp_train)
     base_key = jax.random.key(config.seed)
     mix = config.mixup
 
     def train_step(state: TrainState, batch):
         mix_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        images = device_preprocess(config, batch["image"], state.step)
         images, targets = mixup.mix_batch(
-            mix_key, batch["image"], batch["label"], num_classes=num_classes,
+            mix_key, images, batch["label"], num_classes=num_classes,
             mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
             switch_prob=mix.switch_prob, label_smoothing=config.label_smoothing)
         loss, batch_stats, grads = _accumulated_loss_and_grads(
@@ -280,6 +329,7 @@ def init_training(config, model, mesh, *, image_size: int, num_classes: int, ste
     """(state, state_sharding, train_step): the optimiser on the recipe's schedule, the sharded
     initial state and the jitted step, exactly as `train.py` runs them."""
     compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
+    check_device_pp(config.data.device_pp_train)
     schedule = optim.schedule_from_config(config, steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, schedule)
     state, sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,

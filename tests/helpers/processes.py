@@ -7,7 +7,8 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
-SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
+# An empty compilation_cache_dir leaves the cache to $JAX_COMPILATION_CACHE_DIR (subprocess_env).
+SMALL_RUN = ["--config.compilation_cache_dir=", "--config.data.name=synthetic", "--config.data.num_classes=10",
              "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
              "--config.global_batch_size=16", "--config.eval_batch_size=16",
              "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",

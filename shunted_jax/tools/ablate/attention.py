@@ -22,12 +22,15 @@ def trained_variables(config, workdir) -> dict:
 
 
 def evaluation_image(config, index: int = 0):
-    """(image HxWx3 as the evaluator's pipeline makes it, label) of one evaluation example."""
+    """(image HxWx3 as the evaluator's model sees it, after its host and device preprocessing,
+    label) of one evaluation example."""
     seen = 0
     for batch in data.eval_iterator(evaluators.eval_data_config(config, EVALUATOR), global_batch_size=100):
         count = int(batch["mask"].sum())
         if index < seen + count:
-            return np.asarray(batch["image"][index - seen]), int(batch["label"][index - seen])
+            row = index - seen
+            image = evaluators.eval_images(config.evals[EVALUATOR].device_pp, batch["image"][row:row + 1])[0]
+            return np.asarray(image), int(batch["label"][row])
         seen += count
     raise IndexError(f"The evaluation split has {seen} examples, not {index + 1}.")
 

@@ -1,0 +1,64 @@
+"""Device prefetch: order, errors, look-ahead bound and shutdown."""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from shunted_jax.train.prefetch import prefetch_to_device
+
+
+def test_yields_every_batch_in_order_on_the_devices():
+    source = ({"x": np.full((8, 2), i, np.float32)} for i in range(5))
+    sharding = jax.sharding.NamedSharding(jax.make_mesh((8,), ("data",)), jax.sharding.PartitionSpec("data"))
+    out = list(prefetch_to_device(source, lambda b: jax.device_put(b, sharding), size=2))
+    assert [int(np.asarray(b["x"])[0, 0]) for b in out] == list(range(5))
+    assert all(isinstance(b["x"], jax.Array) and b["x"].sharding == sharding for b in out)
+
+
+def test_reads_at_most_size_batches_ahead():
+    taken = []
+
+    def source():
+        for i in range(100):
+            taken.append(i)
+            yield i
+
+    batches = prefetch_to_device(source(), lambda b: b, size=3)
+    assert next(batches) == 0
+    time.sleep(0.5)  # room for the thread to run ahead as far as it may (an upper bound: no timing assertion)
+    # one handed out, `size` queued, and one more in the thread's hands, waiting for room
+    assert len(taken) <= 1 + 3 + 1
+    batches.close()
+
+
+def test_an_error_reaches_the_consumer_at_its_batch():
+    def source():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    batches = prefetch_to_device(source(), lambda b: b, size=2)
+    assert next(batches) == 1 and next(batches) == 2
+    with pytest.raises(OSError, match="disk gone"):
+        next(batches)
+
+
+def test_closing_stops_the_thread():
+    def endless():
+        while True:
+            yield 0
+
+    batches = prefetch_to_device(endless(), lambda b: b, size=2)
+    next(batches)
+    batches.close()
+    for thread in threading.enumerate():
+        if thread.name == "prefetch_to_device":
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+
+
+def test_rejects_a_size_below_one():
+    with pytest.raises(ValueError, match="prefetch size"):
+        next(prefetch_to_device(iter([1]), lambda b: b, size=0))
