@@ -62,3 +62,20 @@ def test_closing_stops_the_thread():
 def test_rejects_a_size_below_one():
     with pytest.raises(ValueError, match="prefetch size"):
         next(prefetch_to_device(iter([1]), lambda b: b, size=0))
+
+
+def test_closing_waits_for_the_batch_in_transfer():
+    """The loop closes the generator before it returns, so no transfer is still running when the
+    interpreter exits (that aborts the process)."""
+    in_transfer = threading.Event()
+
+    def slow_transfer(batch):
+        in_transfer.set()
+        time.sleep(0.5)
+        return batch
+
+    batches = prefetch_to_device(iter(range(10)), slow_transfer, size=1)
+    next(batches)
+    in_transfer.wait()
+    batches.close()
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name == "prefetch_to_device")

@@ -165,6 +165,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                                       start_step=start)
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
+        cleanup.callback(batches.close)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start

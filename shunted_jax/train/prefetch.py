@@ -21,7 +21,8 @@ def prefetch_to_device(batches: Iterator[dict], to_device: Callable[[dict], dict
     """Yields `to_device(batch)` for each batch, computed `size` batches ahead in a daemon thread.
 
     An error in the source or the transfer is raised in the consumer, at the batch where it
-    happened. Closing the generator stops the thread after at most one more batch.
+    happened. Closing the generator stops the thread after at most one more batch and waits for
+    it: close it before the process exits (the loop does).
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}")
@@ -59,3 +60,4 @@ def prefetch_to_device(batches: Iterator[dict], to_device: Callable[[dict], dict
             yield item
     finally:
         stop.set()
+        thread.join()  # a transfer cut off by the interpreter's exit aborts the process
