@@ -36,7 +36,7 @@ def copy_of(trained, destination: pathlib.Path, drop_steps=()) -> pathlib.Path:
 
 
 def final_eval(workdir) -> dict:
-    return [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    return [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "val"][-1]
 
 
 def assert_same_final_eval(workdir, trained) -> None:
