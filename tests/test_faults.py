@@ -129,6 +129,8 @@ def mounted(*mount_arguments):
         mounting = None
     if mounting is None or mounting.returncode != 0:
         point.rmdir()
+        # A full disk needs a small filesystem of its own; without root there is none to make, and the
+        # skip says so in the report (-ra). CI runs as root and runs this test.
         pytest.skip(f"cannot mount here ({mounting.stderr.strip() if mounting else 'no mount command'})")
     try:
         yield point
