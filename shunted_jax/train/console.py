@@ -35,20 +35,35 @@ class _DropLibraryRecords(logging.Filter):
 
 
 def quiet_logging(verbose: bool) -> None:
-    """Unless verbose, silences orbax's log lines and asyncio's "exception was never retrieved"
-    reports; a failed save or restore then shows as our one line instead of hundreds."""
+    """Unless verbose, silences orbax's log lines, asyncio's "exception was never retrieved"
+    reports and the errors of orbax's abandoned coroutines; a failed save or restore then shows as
+    our one line instead of hundreds."""
     if verbose:
         return
     from absl import logging as absl_logging
     absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = _unless_closed_event_loop(sys.unraisablehook)
+    sys.unraisablehook = drop_orbax_leftovers(sys.unraisablehook)
 
 
-def _unless_closed_event_loop(hook):
-    """Drops the "Event loop is closed" errors of orbax's abandoned coroutines, collected after a
-    failed save; any other unraisable error still reaches `hook`."""
+def _is_orbax_leftover(info) -> bool:
+    """Whether an unraisable error comes from orbax's work abandoned after a failure.
+
+    When one read of a restore fails, orbax closes its event loop with the other reads still
+    pending; each is collected later and its coroutine turns the GeneratorExit it receives into an
+    error ("Encountered error while reading array index ...": one per array shard, thousands of
+    traceback lines). A failed save leaves "Event loop is closed" errors behind the same way.
+    """
+    code = getattr(info.object, "cr_code", None)
+    if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+        return True
+    return isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)
+
+
+def drop_orbax_leftovers(hook):
+    """`hook` (a sys.unraisablehook) without the reports of `_is_orbax_leftover`; any other
+    unraisable error still reaches it."""
     def unraisable(info):
-        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+        if not _is_orbax_leftover(info):
             hook(info)
     return unraisable
