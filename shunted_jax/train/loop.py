@@ -128,7 +128,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         total_steps = optim.total_train_steps(config, steps_per_epoch)
 
         model = step.create_model(config.model, info.num_classes, mesh)
-        train_state, state_sharding, train_step = step.init_training(
+        abstract_state, state_sharding, train_step, initialise = step.prepare_training(
             config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
             steps_per_epoch=steps_per_epoch)
         evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
@@ -137,16 +137,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
                                                      read_only=eval_only)
         cleanup.callback(manager.close)
         model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
-        abstract_state = checkpoint.abstract_like(train_state, state_sharding)
-        restored = checkpoint.restore_newest(manager, abstract_state, model_meta, set_aside=not eval_only)
-        if restored is not None:
-            train_state = restored
+        train_state = checkpoint.restore_newest(manager, abstract_state, model_meta, set_aside=not eval_only)
+        if train_state is not None:
             logging.info("resumed from %s at step %d", manager.directory, int(train_state.step))
         elif eval_only:
             raise checkpoint.NoCheckpointError(f"no checkpoint to evaluate in {manager.directory}")
-        elif config.init_from:
-            train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
-            logging.info("initialised from %s", config.init_from)
+        else:
+            train_state = initialise()
+            if config.init_from:
+                train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
+                logging.info("initialised from %s", config.init_from)
         start = int(jax.device_get(train_state.step))
 
         writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0

@@ -208,11 +208,14 @@ def place(host_tree, shardings):
                         host_tree, shardings)
 
 
-def create_train_state(model, tx: optax.GradientTransformation, mesh, *, image_size: int,
+def train_state_shapes(model, tx: optax.GradientTransformation, mesh, *, image_size: int,
                        seed: int = 0, keep_ema: bool = False):
-    """Initialises the state on the host CPU, then places each array in its target sharding.
+    """(abstract_state, state_sharding, initialise): the state's shapes, dtypes and shardings, known
+    without computing it, and `initialise()`, which computes it.
 
-    Returns (state, state_sharding); the sharding pytree is what steps and checkpoint restores use.
+    A resumed run restores into `abstract_state` and never initialises: initialisation is traced
+    and compiled for the host CPU, seconds a restart need not spend. `initialise()` computes the
+    state on the host CPU, then places each array in its target sharding.
     """
     def init(seed):
         variables = initial_variables(model, image_size, seed)
@@ -221,8 +224,11 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh, *, image_s
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                           ema_params=params if keep_ema else None)
 
-    target_sharding = state_sharding(jax.eval_shape(init, seed), mesh)
-    return place(run_on_host(init, seed), target_sharding), target_sharding
+    shapes = jax.eval_shape(init, seed)
+    target_sharding = state_sharding(shapes, mesh)
+    abstract_state = jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+                                  shapes, target_sharding)
+    return abstract_state, target_sharding, lambda: place(run_on_host(init, seed), target_sharding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,14 +331,22 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
                    donate_argnums=0, compiler_options=compiler_options)
 
 
-def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
-    """(state, state_sharding, train_step): the optimiser on the recipe's schedule, the sharded
-    initial state and the jitted step, exactly as `train.py` runs them."""
+def prepare_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
+    """(abstract_state, state_sharding, train_step, initialise): the optimiser on the recipe's
+    schedule, the state's shapes and shardings (see `train_state_shapes`), the jitted step, exactly
+    as `train.py` runs them, and `initialise()` for the initial state."""
     compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
     check_device_pp(config.data.device_pp_train)
     schedule = optim.schedule_from_config(config, steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state, sharding = create_train_state(model, tx, mesh, image_size=image_size, seed=config.seed,
-                                         keep_ema=config.ema_decay > 0)
+    abstract_state, sharding, initialise = train_state_shapes(
+        model, tx, mesh, image_size=image_size, seed=config.seed, keep_ema=config.ema_decay > 0)
     train_step = make_train_step(model, config, tx, schedule, mesh, sharding, num_classes, compiler_options)
-    return state, sharding, train_step
+    return abstract_state, sharding, train_step, initialise
+
+
+def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
+    """(state, state_sharding, train_step): `prepare_training` with the initial state computed."""
+    _, sharding, train_step, initialise = prepare_training(
+        config, model, mesh, image_size=image_size, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
+    return initialise(), sharding, train_step
