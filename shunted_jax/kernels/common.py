@@ -1,5 +1,6 @@
 """What the Pallas (Triton) kernels share: where they run, their float32 accumulators, and the
 GELU's pieces (Pallas' Triton lowering has no erf)."""
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,16 @@ class Target(NamedTuple):
     GELU may use PTX's approximate instructions (a CUDA GPU and float32 accumulators)."""
     interpret: bool
     fast_math: bool
+
+
+def traced_once(*static_argnames: str):
+    """`jax.jit` with these arguments static, for the functions that make a pallas_call.
+
+    The model calls each kernel many times with the same shapes and settings (every block, the
+    forward inside the backward); jitted, a kernel is traced and lowered once per distinct call
+    rather than at every call, which shortens every (re)start of training.
+    """
+    return functools.partial(jax.jit, static_argnames=static_argnames)
 
 
 def target_for(dtype, backend: str) -> Target:

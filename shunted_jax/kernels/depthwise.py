@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.kernels.common import Target, accumulator, gelu_slope, normal_cdf
+from shunted_jax.kernels.common import Target, accumulator, gelu_slope, normal_cdf, traced_once
 
 _CHANNEL_BLOCKS = (64, 32)
 """Channels per Pallas program, the largest that divides C; every depthwise conv of the
@@ -155,6 +155,7 @@ def _weight_grad_warps(block_w: int, block_c: int) -> int:
     return min(8, max(4, block_w * block_c // (32 * 16)))
 
 
+@traced_once("target")
 def _pallas_weight_grad(x, g, slope, target: Target):
     """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by
     XLA, and the gradient at z (g, or g times GELU's slope when `slope` is given)."""
@@ -171,6 +172,7 @@ def _pallas_weight_grad(x, g, slope, target: Target):
     return jnp.sum(sums, axis=0), g
 
 
+@traced_once("residual", "target", "apply_gelu", "keep_slope")
 def _pallas_conv(x, taps, bias, residual, target: Target, apply_gelu=False, keep_slope=False):
     tiling, grid = _tiling(x)
     kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=target.fast_math,

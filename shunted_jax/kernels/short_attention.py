@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.kernels.common import Target, accumulator
+from shunted_jax.kernels.common import Target, accumulator, traced_once
 
 MAX_KEYS = 256
 
@@ -143,6 +143,7 @@ def _programs(queries: int, tiles: Tiling) -> int:
     return pl.cdiv(pl.cdiv(queries, tiles.block_q), tiles.blocks)
 
 
+@traced_once("scale", "target", "with_lse", "tiles")
 def call_forward(q, k, v, scale: float, target: Target, with_lse: bool, tiles: Tiling):
     """The forward kernel: the output, and with `with_lse` the log-sum-exp (B, heads, queries)."""
     batch, queries, heads, _ = q.shape
@@ -176,6 +177,7 @@ def _backward(scale, target, saved, d_out):
     return call_backward(q, k, v, lse, d_out, scale, target, tiling(q.shape[1], k.shape[1], backward=True))
 
 
+@traced_once("scale", "target", "tiles")
 def call_backward(q, k, v, lse, d_out, scale: float, target: Target, tiles: Tiling):
     """The backward kernel: (dq, dk, dv), the partial key and value gradients summed by XLA."""
     batch, queries, heads, _ = q.shape
