@@ -160,7 +160,7 @@ def test_checkpoints_written_with_the_old_execution_fields_still_restore(tmp_pat
     checkpoint.save(manager, train_state, old)
     manager.wait_until_finished()
     sharding = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), train_state)
-    abstract = checkpoint.abstract_like(train_state, sharding)
+    abstract = step.abstract_like(train_state, sharding)
     restored = checkpoint.restore(manager, abstract, {"model": {"name": "shunted_t", "kernels": "auto",
                                                                 "scan_unroll": 64}})
     np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))

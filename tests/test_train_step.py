@@ -85,7 +85,7 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     manager.reload()
     assert manager.latest_step() == 3
 
-    abstract = checkpoint.abstract_like(single_state, single_sharding)
+    abstract = step.abstract_like(single_state, single_sharding)
     restored = checkpoint.restore(manager, abstract, meta)
     assert restored.params["head"]["kernel"].sharding.mesh.devices.size == 1
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(fsdp_state)):

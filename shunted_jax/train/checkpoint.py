@@ -98,12 +98,6 @@ def all_steps_on_disk(directory: pathlib.Path) -> list[int]:
     return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
 
 
-def abstract_like(state, state_sharding):
-    """Shape/dtype/sharding placeholders to restore into: the current mesh decides the layout."""
-    return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
-                        state, state_sharding)
-
-
 def describe_mismatch(expected: dict, found: dict) -> str:
     """The differing fields of two flat config dicts, as 'field: found != expected'."""
     keys = sorted(set(expected) | set(found))

@@ -113,6 +113,13 @@ def state_sharding(abstract_state, mesh: Mesh, min_shard_size: int = 2 ** 12):
         abstract_state)
 
 
+def abstract_like(state, shardings):
+    """Shape/dtype/sharding placeholders of a (possibly abstract) pytree, e.g. to restore a
+    checkpoint into: the current mesh decides the layout."""
+    return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=target),
+                        state, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
 
@@ -226,9 +233,11 @@ def train_state_shapes(model, tx: optax.GradientTransformation, mesh, *, image_s
 
     shapes = jax.eval_shape(init, seed)
     target_sharding = state_sharding(shapes, mesh)
-    abstract_state = jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
-                                  shapes, target_sharding)
-    return abstract_state, target_sharding, lambda: place(run_on_host(init, seed), target_sharding)
+
+    def initialise():
+        return place(run_on_host(init, seed), target_sharding)
+
+    return abstract_like(shapes, target_sharding), target_sharding, initialise
 
 
 # ---------------------------------------------------------------------------------------------
