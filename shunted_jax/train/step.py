@@ -8,8 +8,8 @@ the jitted step. The recipe's other two pieces are `optim` (schedule, AdamW) and
 The batch's images come from the host as uint8; the step applies `config.data.device_pp_train`
 (`data.device_ops`: RandAugment, normalisation, random erasing) on the device before mixup/CutMix.
 
-`train.loop` and `bench` both build the step with `init_training`, so a benchmark times the step
-training runs.
+`train.loop` builds the step with `prepare_training` and `bench` with `init_training` (the same,
+with the initial state computed), so a benchmark times the step training runs.
 """
 import math
 import re
