@@ -48,6 +48,17 @@ def test_straight_run_writes_metrics_checkpoints_and_tensorboard(straight_run):
     assert any((straight_run / "tensorboard").iterdir())
 
 
+def test_tensorboard_summaries_do_not_import_pytorch(tmp_path):
+    """tensorboardX imports PyTorch when it is installed (seconds of every start-up)."""
+    pytest.importorskip("torch")
+    script = ("import sys; from shunted_jax.train import metrics; "
+              f"w = metrics.MetricsWriter({str(tmp_path)!r}, enabled=True); w.write('train', 1, {{'loss': 1.0}}); "
+              "w.close(); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
 def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_path):
     flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
     process = start_train(tmp_path, *flags)
