@@ -26,12 +26,17 @@ def short_cause(error: BaseException, limit: int = 240) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _in_orbax(path: str) -> bool:
+    """Whether a source file belongs to orbax."""
+    return "/orbax/" in path.replace("\\", "/")
+
+
 class _DropLibraryRecords(logging.Filter):
     """Drops absl log records emitted from orbax's source files (its per-save INFO lines and the
     per-array ERROR lines of a failed write, which our own one-line error replaces)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "/orbax/" not in record.pathname.replace("\\", "/")
+        return not _in_orbax(record.pathname)
 
 
 def quiet_logging(verbose: bool) -> None:
@@ -55,7 +60,7 @@ def _is_orbax_leftover(info) -> bool:
     traceback lines). A failed save leaves "Event loop is closed" errors behind the same way.
     """
     code = getattr(info.object, "cr_code", None)
-    if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+    if code is not None and _in_orbax(code.co_filename):
         return True
     return isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)
 
