@@ -1,11 +1,13 @@
-"""Images/s of the official PyTorch Shunted model, measured the way `benchmarks.step` measures ours,
-so that issue 7's comparison can be made again on whichever GPU is lent.
+"""Images/s of the official PyTorch Shunted model, and of timm's PVTv2, measured the way
+`benchmarks.step` measures ours, so that the comparison can be made again on whichever GPU is lent.
 
     python -m benchmarks.torch_reference --official PATH/SSA.py --model shunted_s [--compile]
         [--batch 128] [--eval-batch 256] [--steps 20] [--json FILE]
+    python -m benchmarks.torch_reference --model pvt_v2_b2 [--compile] ...
 
 PATH is a checkout of OliverRensu/Shunted-Transformer (its SSA.py imports timm); none of its code
-is in this repository. Synthetic data on the device, 224x224, bf16 autocast. The train step: mixup
+is in this repository. The PVTv2 models come from timm (`timm.create_model`), which PVT's own
+repository builds on. Synthetic data on the device, 224x224, bf16 autocast. The train step: mixup
 of the batch with its reverse (soft targets, as the official recipe's mixup gives), forward,
 soft-target cross-entropy, backward, fused AdamW (lr 1e-3, weight decay 0.05), parameters and
 optimizer state in float32. Inference: eval mode under `torch.inference_mode`. With `--compile`
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from benchmarks.step import WARMUP_STEPS, add_measurement_arguments, append_json_line
 
 NUM_CLASSES = 1000
+SHUNTED = ("shunted_t", "shunted_s", "shunted_b")
+TIMM = ("pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5")
 MIX = 0.7  # weight of each image against its partner in the reversed batch
 
 
@@ -36,8 +40,19 @@ def load_official(path: pathlib.Path):
                  "OliverRensu/Shunted-Transformer.")
     spec = importlib.util.spec_from_file_location("official_ssa", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # timm's register_model looks its caller up there
     spec.loader.exec_module(module)
     return module
+
+
+def create_model(name: str, official):
+    """The official Shunted model from SSA.py, or timm's PVTv2."""
+    if name in SHUNTED:
+        if official is None:
+            sys.exit(f"--model {name} needs --official PATH/SSA.py from a checkout of OliverRensu/Shunted-Transformer.")
+        return getattr(load_official(pathlib.Path(official)), name)(num_classes=NUM_CLASSES)
+    import timm
+    return timm.create_model(name, num_classes=NUM_CLASSES)
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,13 +110,13 @@ def measured(batch: int, first: float, per_step: float, compiled: bool, device: 
 
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    official = load_official(pathlib.Path(args.official))
-    model = getattr(official, args.model)(num_classes=NUM_CLASSES).to(device)
+    model = create_model(args.model, args.official).to(device)
     runner = torch.compile(model) if args.compile else model
     result = {"model": args.model, "framework": "torch", "compile": args.compile, "image_size": args.image_size,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "python": platform.python_version()}
-    print(f"official {args.model} (PyTorch {torch.__version__}{', torch.compile' if args.compile else ', eager'}) "
+    source = "official" if args.model in SHUNTED else "timm"
+    print(f"{source} {args.model} (PyTorch {torch.__version__}{', torch.compile' if args.compile else ', eager'}) "
           f"bf16 autocast {args.image_size}px on {result['device']}", flush=True)
     if args.eval_batch:
         model.eval()
@@ -133,8 +148,8 @@ def format_part(kind: str, r: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", required=True, metavar="PATH/SSA.py", help="the official model file")
-    parser.add_argument("--model", required=True, choices=["shunted_t", "shunted_s", "shunted_b"])
+    parser.add_argument("--official", metavar="PATH/SSA.py", help="the official model file (for the Shunted models)")
+    parser.add_argument("--model", required=True, choices=SHUNTED + TIMM)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
