@@ -1,0 +1,148 @@
+"""The comparison table of issue 21 from one machine: the official PyTorch models (eager and
+`torch.compile`), timm's PVTv2, and this project, each timed by its own benchmark in a process of
+its own, one after another, then the table with the ratios and targets.
+
+    python -m benchmarks.table --official PATH/SSA.py --json table.jsonl
+        [--models shunted_t shunted_s shunted_b pvt_v2_b2] [--no-compile shunted_b] [--timeout 400]
+    python -m benchmarks.table --json table.jsonl --print     # the table of runs already made
+
+Every run appends its result to `--json`, so a table can be made in several calls of the same
+machine and printed at the end; a run cut by `--timeout` (torch.compile of shunted_b takes more
+than 5 minutes) is recorded as not measured. This project's models run with uint8 batches and
+normalisation alone on the device (`train_plain`'s input, no augmentation: PyTorch's step has
+none either); its shunted_s runs twice, the second time from the persistent cache the first
+filled, for the cached compile time.
+"""
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+PLAIN_DEVICE_PP = "value_range(0,1)|normalize"
+TARGETS = {  # (part, model): ratio to torch.compile (timm's compiled model for PVTv2)
+    ("inference", "shunted_t"): 2.0, ("inference", "shunted_s"): 2.0, ("inference", "shunted_b"): 2.0,
+    ("inference", "pvt_v2_b2"): 1.5,
+    ("train", "shunted_t"): 3.0, ("train", "shunted_s"): 3.0, ("train", "shunted_b"): 3.0,
+}
+COMPILE_TARGETS = {"cold": 30.0, "cached": 10.0}  # seconds, the shunted_s train step
+
+
+def ours_command(model: str, json_path: str, cache_dir: str) -> list:
+    return [sys.executable, "-m", "benchmarks.step", "--model", model, "--device-pp", PLAIN_DEVICE_PP,
+            "--plain-device-pp", "", "--cache-dir", cache_dir, "--json", json_path]
+
+
+def torch_command(model: str, official, compiled: bool, json_path: str) -> list:
+    command = [sys.executable, "-m", "benchmarks.torch_reference", "--model", model, "--json", json_path]
+    if official and model.startswith("shunted"):
+        command += ["--official", official]
+    return command + (["--compile"] if compiled else [])
+
+
+def run_logged(command: list, timeout: float, json_path: str, label: dict) -> None:
+    """Runs one benchmark and adds `label` to the line it appends; a timeout or a failure is
+    recorded as a line of its own, not measured."""
+    print("$", " ".join(repr(c) if not c or " " in c else c for c in command[1:]), flush=True)
+    path = pathlib.Path(json_path)
+    before = len(path.read_text().splitlines()) if path.exists() else 0
+    try:
+        completed = subprocess.run(command, timeout=timeout)
+        failure = None if completed.returncode == 0 else f"exit status {completed.returncode}"
+    except subprocess.TimeoutExpired:
+        failure = f"not finished in {timeout:.0f} s"
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = lines[:before] + [json.dumps({**json.loads(line), **label}) for line in lines[before:]]
+    if failure:
+        print(f"  not measured: {failure}", flush=True)
+        lines.append(json.dumps({**label, "not_measured": failure}))
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def run_all(args) -> None:
+    cache_dir = tempfile.mkdtemp(prefix="jax_cache_")  # empty: the first compile of each model is cold
+    for model in args.models:
+        for compiled in (False, True):
+            if compiled and model in args.no_compile:
+                continue
+            run_logged(torch_command(model, args.official, compiled, args.json), args.timeout, args.json,
+                       {"model": model, "framework": "torch", "compile": compiled})
+        run_logged(ours_command(model, args.json, cache_dir), args.timeout, args.json,
+                   {"model": model, "framework": "shunted_jax"})
+    if "shunted_s" in args.models:
+        run_logged(ours_command("shunted_s", args.json, cache_dir) + ["--eval-batch", "0"], args.timeout, args.json,
+                   {"model": "shunted_s", "framework": "shunted_jax", "cached": True})
+
+
+def read_results(path: str) -> dict:
+    """{(framework, model, compiled (torch) or "cold"/"cached" (ours)): result}; the last line of
+    each kind wins."""
+    results = {}
+    for line in pathlib.Path(path).read_text().splitlines():
+        r = json.loads(line)
+        kind = bool(r.get("compile")) if r["framework"] == "torch" else ("cached" if r.get("cached") else "cold")
+        results[(r["framework"], r["model"], kind)] = r
+    return results
+
+
+def images_per_s(result, part: str):
+    if not result or part not in result:
+        return None
+    return result[part]["images_per_s"]
+
+
+def cell(value) -> str:
+    return f"{value:,.0f}" if value else "–"
+
+
+def table(results: dict, models) -> str:
+    lines = ["| model | PyTorch eager train / infer | torch.compile train / infer | shunted_jax train / infer "
+             "| train ratio (target) | inference ratio (target) |", "| --- | --- | --- | --- | --- | --- |"]
+    for model in models:
+        eager, compiled = results.get(("torch", model, False)), results.get(("torch", model, True))
+        ours = results.get(("shunted_jax", model, "cold"))
+        ratios = []
+        for part in ("train", "inference"):
+            mine, theirs, target = images_per_s(ours, part), images_per_s(compiled, part), TARGETS.get((part, model))
+            if not (mine and theirs):
+                ratios.append("–" if target is None else f"– ({target:g}×)")
+                continue
+            ratio = mine / theirs
+            verdict = "" if target is None else f" ({target:g}×, {'met' if ratio >= target else 'not met'})"
+            ratios.append(f"{ratio:.2f}×{verdict}")
+        pairs = [f"{cell(images_per_s(r, 'train'))} / {cell(images_per_s(r, 'inference'))}"
+                 for r in (eager, compiled, ours)]
+        lines.append(f"| {model} | {' | '.join(pairs)} | {' | '.join(ratios)} |")
+    lines.append("")
+    for kind, target in COMPILE_TARGETS.items():
+        result = results.get(("shunted_jax", "shunted_s", kind))
+        if result and "train" in result:
+            seconds = result["train"]["compile_s"]
+            lines.append(f"shunted_s train step compile, {kind}: {seconds:.1f} s "
+                         f"(target {target:g} s, {'met' if seconds <= target else 'not met'})")
+    for (framework, model, kind), result in results.items():
+        if "not_measured" in result:
+            what = {True: "torch.compile", False: "eager"}.get(kind, kind) if framework == "torch" else kind
+            lines.append(f"not measured: {model}, {framework} {what}: {result['not_measured']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", metavar="PATH/SSA.py", help="the official Shunted model file")
+    parser.add_argument("--models", nargs="+", default=["shunted_t", "shunted_s", "shunted_b", "pvt_v2_b2"])
+    parser.add_argument("--no-compile", nargs="*", default=[], metavar="MODEL", help="skip torch.compile for these")
+    parser.add_argument("--timeout", type=float, default=400, help="seconds per benchmark run")
+    parser.add_argument("--json", required=True, metavar="FILE", help="the JSON lines the runs append to")
+    parser.add_argument("--print", action="store_true", help="only print the table of the runs in --json")
+    args = parser.parse_args(argv)
+    if not args.print:
+        if any(m.startswith("shunted") for m in args.models) and not args.official:
+            parser.error("the Shunted models need --official PATH/SSA.py (a checkout of OliverRensu/Shunted-Transformer)")
+        run_all(args)
+    print(table(read_results(args.json), args.models))
+
+
+if __name__ == "__main__":
+    main()

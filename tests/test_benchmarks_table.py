@@ -1,0 +1,45 @@
+"""benchmarks.table: the runs' results recorded under their labels, and the table with the ratios
+to torch.compile and the targets marked (no timing is run or asserted)."""
+import json
+import sys
+
+from benchmarks import table
+
+
+def result(model, train, inference, **label):
+    parts = {"train": {"images_per_s": train, "compile_s": 50.0}, "inference": {"images_per_s": inference}}
+    return {"model": model, **{k: v for k, v in parts.items() if v["images_per_s"]}, **label}
+
+
+def test_a_run_s_line_gets_its_label_and_a_failed_run_a_line_of_its_own(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    write = f"open({str(path)!r}, 'a').write('{{\"model\": \"shunted_t\"}}\\n')"
+    table.run_logged([sys.executable, "-c", write], 60, str(path), {"framework": "shunted_jax", "cached": True})
+    table.run_logged([sys.executable, "-c", "raise SystemExit(3)"], 60, str(path), {"framework": "torch",
+                                                                                   "model": "shunted_b", "compile": True})
+    table.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, str(path),
+                     {"framework": "torch", "model": "shunted_b", "compile": False})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"model": "shunted_t", "framework": "shunted_jax", "cached": True},
+                     {"framework": "torch", "model": "shunted_b", "compile": True, "not_measured": "exit status 3"},
+                     {"framework": "torch", "model": "shunted_b", "compile": False,
+                      "not_measured": "not finished in 0 s"}]
+
+
+def test_the_table_gives_ratios_to_torch_compile_and_marks_the_targets(tmp_path, capsys):
+    path = tmp_path / "runs.jsonl"
+    runs = [result("shunted_s", 1000, 8000, framework="torch", compile=False),
+            result("shunted_s", 1300, 8400, framework="torch", compile=True),
+            result("shunted_s", 3900, 12600, framework="shunted_jax"),
+            {**result("shunted_s", 3000, 0, framework="shunted_jax", cached=True),
+             "train": {"images_per_s": 3000, "compile_s": 9.5}},
+            result("pvt_v2_b2", 2000, 10000, framework="torch", compile=True),
+            result("pvt_v2_b2", 3000, 16000, framework="shunted_jax"),
+            {"framework": "torch", "model": "shunted_b", "compile": True, "not_measured": "not finished in 400 s"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    table.main(["--json", str(path), "--print", "--models", "shunted_s", "pvt_v2_b2", "shunted_b"])
+    out = capsys.readouterr().out
+    assert "| shunted_s | 1,000 / 8,000 | 1,300 / 8,400 | 3,900 / 12,600 | 3.00× (3×, met) | 1.50× (2×, not met) |" in out
+    assert "| pvt_v2_b2 | – / – | 2,000 / 10,000 | 3,000 / 16,000 | 1.50× | 1.60× (1.5×, met) |" in out
+    assert "compile, cold: 50.0 s (target 30 s, not met)" in out and "compile, cached: 9.5 s (target 10 s, met)" in out
+    assert "not measured: shunted_b, torch torch.compile: not finished in 400 s" in out
