@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
@@ -289,24 +288,3 @@ def test_configs_list_every_model_field_and_resize_to_the_image_size(config_file
     config.data.image_size = 48
     assert "resize(48)" in data_config.format_pp(config.data.pp_train, config.data)
     assert "resize(48)" in data_config.format_pp(config.evals.val.pp, config.data)
-
-
-def test_the_train_step_compiles_in_a_thread_while_the_state_restores(tmp_path):
-    """The loop's first step finds the executable that `step.compile_ahead` made: the train step
-    is compiled once, in that thread, for a fresh run and again for a resumed one."""
-    compiles = []
-
-    def record(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(train_step)":
-            compiles.append(threading.current_thread().name)
-
-    jax.monitoring.register_event_duration_secs_listener(record)
-    try:
-        config = small_config()
-        config.num_train_steps = 2
-        loop.train_and_evaluate(config, tmp_path)
-        config.num_train_steps = 4  # the schedule's constants change: another program to compile
-        loop.train_and_evaluate(config, tmp_path)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(record)
-    assert compiles == ["compile_ahead", "compile_ahead"]

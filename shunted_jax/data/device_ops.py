@@ -2,10 +2,9 @@
 
 The host hands over uint8 (B, H, W, 3) batches. `build(pp)` turns a "|"-separated string such as
 "randaug(2,9,0.5)|value_range(0,1)|normalize|random_erase(0.25)" into one function
-`(images_uint8, keys) -> float32 images`. Every op but RandAugment works on one float32 H x W x 3
-image and is vmapped over the batch, so a step sharded along the batch shards the augmentation
-with it; RandAugment works on the batch, to run its two costliest operations on the few images that
-drew them (`randaug`). An example's randomness comes only from its key, and `example_keys` folds the keys from (seed, step,
+`(images_uint8, keys) -> float32 images`. Every op works on one float32 H x W x 3 image and is
+vmapped over the batch, so a step sharded along the batch shards the augmentation with it. An
+example's randomness comes only from its key, and `example_keys` folds the keys from (seed, step,
 global example index): an example is augmented alike on any mesh and after a resume.
 
 The ops compute what the host's TensorFlow ops of the same names compute (data/ops.py,
@@ -43,8 +42,6 @@ EVAL_PP = "value_range(0,1)|normalize"
 
 ImageOp = Callable[[jax.Array, jax.Array], jax.Array]
 """(float32 H x W x 3 image, key) -> float32 H x W x 3 image."""
-BatchOp = Callable[[jax.Array, jax.Array], jax.Array]
-"""(float32 B x H x W x 3 images, B keys) -> float32 B x H x W x 3 images."""
 
 
 def example_keys(base_key: jax.Array, step, example_indices: jax.Array) -> jax.Array:
@@ -241,9 +238,8 @@ def operations(increasing: bool = True) -> list[Operation]:
 OPERATION_NAMES = tuple(op.name for op in operations())
 
 
-def apply_operation(image, index, level, sign, increasing: bool = True, skip: frozenset = frozenset()):
-    """Operation number `index` (of OPERATION_NAMES) at `level` in [0, 1] with `sign` +-1; the
-    photometric operations named in `skip` leave the image as it is.
+def apply_operation(image, index, level, sign, increasing: bool = True):
+    """Operation number `index` (of OPERATION_NAMES) at `level` in [0, 1] with `sign` +-1.
 
     Under vmap each example draws its own operation, so all are computed and one is selected; the
     five geometric ones select a transform and share one warp.
@@ -257,39 +253,9 @@ def apply_operation(image, index, level, sign, increasing: bool = True, skip: fr
         if op.transform is not None:
             transform = jnp.where(chosen, op.transform(level, sign, height, width), transform)
             geometric = geometric | chosen
-        elif op.name not in skip:
+        else:
             photometric = jnp.where(chosen, op.apply(image, level, sign), photometric)
     return jnp.where(geometric, affine(image, transform), photometric)
-
-
-RARE_OPERATIONS = {"Equalize": equalize, "AutoContrast": auto_contrast}
-"""The costliest operations per image (histograms, reductions), which `randaug` runs only on the
-images that drew them: each layer applies one to about 1 image in 30."""
-
-
-def rare_capacity(batch: int) -> int:
-    """How many images of a batch a rare operation runs on: an eighth of the batch, at least 8 (for
-    128 images, 16 where 4.3 draw it on average; a batch with more runs it on every image)."""
-    return min(batch, max(8, -(-batch // 8)))
-
-
-def on_chosen(fn, images, out, chosen):
-    """`out` with fn(image) in place of the chosen images, fn run on `rare_capacity` images: the
-    chosen ones first (their order kept), the rest of that many only to fill a static shape. When
-    more are chosen, fn runs on every image, so the result never depends on the count."""
-    capacity = rare_capacity(images.shape[0])
-    select = lambda rows, new, old: jnp.where(rows[:, None, None, None], new, old)  # noqa: E731
-
-    def every(_):
-        return select(chosen, jax.vmap(fn)(images), out)
-
-    def few(_):
-        rows = jnp.argsort(~chosen, stable=True)[:capacity]
-        return out.at[rows].set(select(chosen[rows], jax.vmap(fn)(images[rows]), out[rows]), unique_indices=True)
-
-    if capacity == images.shape[0]:
-        return every(None)
-    return jax.lax.cond(jnp.sum(chosen) > capacity, every, few, None)
 
 
 class LayerDraws(NamedTuple):
@@ -317,10 +283,8 @@ def draw_layers(key, num_layers: int, magnitude: float, magnitude_std: float) ->
 # --- The registered ops: factories of ImageOp ---
 
 
-def randaug(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True) -> "BatchOp":
-    """RandAugment on a batch of images in [0, 255]: randaug(2, 9, 0.5) is timm's
-    rand-m9-mstd0.5-inc1. Each image draws its own operations from its key; the RARE_OPERATIONS
-    run only on the images that drew them (`on_chosen`), the rest on every image, one selected."""
+def randaug(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True) -> ImageOp:
+    """RandAugment on images in [0, 255]: randaug(2, 9, 0.5) is timm's rand-m9-mstd0.5-inc1."""
     if not 0 <= magnitude <= MAX_MAGNITUDE:
         raise ValueError(f"randaug magnitude must lie in [0, {MAX_MAGNITUDE:g}], got {magnitude}.")
     if num_layers < 0 or magnitude_std < 0:
@@ -328,18 +292,13 @@ def randaug(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True) -> "B
     num_layers, magnitude, magnitude_std = int(num_layers), float(magnitude), float(magnitude_std)
     increasing = bool(increasing)
 
-    skip = frozenset(RARE_OPERATIONS)
-    common = jax.vmap(lambda image, index, level, sign: apply_operation(image, index, level, sign, increasing, skip))
-
-    def op(images, keys):
-        draws = jax.vmap(lambda key: draw_layers(key, num_layers, magnitude, magnitude_std))(keys)
+    def op(image, key):
+        draws = draw_layers(key, num_layers, magnitude, magnitude_std)
         for layer in range(num_layers):
-            index, applied = draws.index[:, layer], draws.applied[:, layer]
-            augmented = common(images, index, draws.level[:, layer], draws.sign[:, layer])
-            for name, fn in RARE_OPERATIONS.items():
-                augmented = on_chosen(fn, images, augmented, applied & (index == OPERATION_NAMES.index(name)))
-            images = jnp.where(applied[:, None, None, None], augmented, images)
-        return images
+            index, level, sign = draws.index[layer], draws.level[layer], draws.sign[layer]
+            augmented = apply_operation(image, index, level, sign, increasing)
+            image = jnp.where(draws.applied[layer], augmented, image)
+        return image
 
     return op
 
@@ -389,20 +348,15 @@ def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3
     return op
 
 
-def _per_image(factory: Callable[..., ImageOp]) -> Callable[..., BatchOp]:
-    """The factory of an ImageOp, made to give it vmapped over the batch."""
-    return lambda *args, **kwargs: jax.vmap(factory(*args, **kwargs))
-
-
-_OPS: dict[str, Callable[..., BatchOp]] = {
+_OPS: dict[str, Callable[..., ImageOp]] = {
     "randaug": randaug,
-    "value_range": _per_image(value_range),
-    "normalize": _per_image(normalize),
-    "random_erase": _per_image(random_erase),
+    "value_range": value_range,
+    "normalize": normalize,
+    "random_erase": random_erase,
 }
 
 
-def parse(pp: str) -> list[tuple[str, BatchOp]]:
+def parse(pp: str) -> list[tuple[str, ImageOp]]:
     """The "|"-separated device ops of `pp` as (spec, op); unknown names and bad arguments fail here."""
     return parse_ops(pp, _OPS, "device", EVAL_PP)
 
@@ -423,7 +377,7 @@ def build(pp: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
         images = images.astype(jnp.float32)
         for number, (_, op) in enumerate(ops):
             op_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, number)
-            images = op(images, op_keys)
+            images = jax.vmap(op)(images, op_keys)
         return images
 
     return augment

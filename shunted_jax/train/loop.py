@@ -136,11 +136,6 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint,
                                                      read_only=eval_only)
         cleanup.callback(manager.close)
-        compiling = None
-        if not eval_only and (manager.latest_step() or 0) < total_steps:
-            compiling = step.compile_ahead(train_step, abstract_state, config, mesh, info.image_size)
-            if compiling is not None:
-                cleanup.callback(compiling.join)  # an XLA compile cut off by the interpreter's exit aborts it
         model_meta = {"model": json.loads(json.dumps(config.model.to_dict()))}
         train_state = checkpoint.restore_newest(manager, abstract_state, model_meta, set_aside=not eval_only)
         if train_state is not None:
@@ -174,8 +169,6 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start
-        if compiling is not None:
-            compiling.join()
         with PreemptionWatcher() as preemption:
             for step_number in range(start + 1, total_steps + 1):
                 train_state, step_metrics = train_step(train_state, next(batches))

@@ -13,7 +13,6 @@ with the initial state computed), so a benchmark times the step training runs.
 """
 import math
 import re
-import threading
 from typing import Any, Callable
 
 import flax
@@ -353,31 +352,6 @@ def prepare_training(config, model, mesh, *, image_size: int, num_classes: int, 
         model, tx, mesh, image_size=image_size, seed=config.seed, keep_ema=config.ema_decay > 0)
     train_step = make_train_step(model, config, tx, schedule, mesh, sharding, num_classes, compiler_options)
     return abstract_state, sharding, train_step, initialise
-
-
-def compile_ahead(train_step, abstract_state, config, mesh, image_size: int):
-    """A started thread that compiles the train step (or loads it from the persistent cache) for
-    the batches the input pipeline will give, while the caller restores or initialises the state
-    and starts that pipeline; the step's first call then finds its executable in JAX's caches.
-
-    None when the device pp is empty: the images' dtype then depends on the host pp. An error is
-    left to the first call, which meets it again and raises it.
-    """
-    if not config.data.device_pp_train:
-        return None
-    images = jax.ShapeDtypeStruct((config.global_batch_size, image_size, image_size, 3), jnp.uint8,
-                                  sharding=batch_sharding(mesh))
-    labels = jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32, sharding=batch_sharding(mesh))
-
-    def compile_step():
-        try:
-            train_step.lower(abstract_state, {"image": images, "label": labels}).compile()
-        except Exception:  # noqa: BLE001 - the first call raises it where the run can report it
-            pass
-
-    thread = threading.Thread(target=compile_step, name="compile_ahead", daemon=True)
-    thread.start()
-    return thread
 
 
 def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
