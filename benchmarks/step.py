@@ -81,10 +81,11 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
         state, metrics = compiled(state, images)
     jax.block_until_ready(metrics)
     if profile_dir:
-        with jax.profiler.trace(str(profile_dir)):
+        with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
             for _ in range(WARMUP_STEPS):
                 state, metrics = compiled(state, images)
             jax.block_until_ready(metrics)
+        print_profile(profile_dir, "train")
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, images)
@@ -94,7 +95,18 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
             "compile_s": compile_s, "loss": float(metrics["loss"]), "device_pp": config.data.device_pp_train}
 
 
-def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict) -> dict:
+def print_profile(profile_dir, kind: str) -> None:
+    """The GPU kernel time per step by kind, from the trace of WARMUP_STEPS steps just written."""
+    from benchmarks import profile_summary
+
+    rows = profile_summary.summarise(profile_dir, WARMUP_STEPS)
+    if not rows:
+        print(f"{kind}: the trace in {profile_dir} holds no GPU kernels", flush=True)
+        return
+    print(profile_summary.format_summary(rows, f"{kind}: GPU kernel time per step ({profile_dir})"), flush=True)
+
+
+def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict, profile_dir=None) -> dict:
     """The eval-mode forward, compiled with XLA `compiler_options` (`train.step.parse_compiler_options`)."""
     from shunted_jax.train.step import initial_variables, run_on_host
 
@@ -110,6 +122,12 @@ def bench_inference(model, batch: int, image_size: int, steps: int, compiler_opt
     compile_s = time.perf_counter() - start
     for _ in range(WARMUP_STEPS):
         _timed(compiled, variables, images)
+    if profile_dir:
+        with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+            for _ in range(WARMUP_STEPS):
+                logits = compiled(variables, images)
+            jax.block_until_ready(logits)
+        print_profile(profile_dir, "inference")
     start = time.perf_counter()
     for _ in range(steps):
         logits = compiled(variables, images)
@@ -147,7 +165,8 @@ def run(args) -> dict:
     }
     print(format_header(result), flush=True)
     if args.eval_batch:
-        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps, compiler_options)
+        profile = args.profile and f"{args.profile}/inference"
+        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps, compiler_options, profile)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference
@@ -158,7 +177,7 @@ def run(args) -> dict:
             parts["train_plain"] = args.plain_device_pp
         for kind, device_pp in parts.items():
             config.data.device_pp_train = device_pp
-            profile = args.profile if kind == "train" else None
+            profile = args.profile and kind == "train" and f"{args.profile}/train"
             train = bench_train(config, model, args.batch, args.image_size, args.steps, profile)
             train["peak_memory_gib"] = _peak_memory_gib()
             train["mfu"] = utilisation(train["images_per_s"], macs, passes=3)
@@ -210,7 +229,9 @@ def main(argv=None):
     parser.add_argument("--model", required=True, choices=models.list_models())
     add_measurement_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 train steps (with --device-pp's ops)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write jax.profiler traces of 3 inference and 3 train steps (with --device-pp's ops) "
+                             "under DIR and print their GPU kernel time by kind")
     parser.add_argument("--cache-dir", default=compilation_cache.DEFAULT_DIR,
                         help="persistent compilation cache ('' leaves JAX's own setting: off unless $JAX_COMPILATION_CACHE_DIR)")
     parser.add_argument("--device-pp", metavar="PP",

@@ -139,7 +139,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.print:
         if any(m.startswith("shunted") for m in args.models) and not args.official:
-            parser.error("the Shunted models need --official PATH/SSA.py (a checkout of OliverRensu/Shunted-Transformer)")
+            parser.error("the Shunted models need --official PATH/SSA.py "
+                         "(a checkout of OliverRensu/Shunted-Transformer)")
         run_all(args)
     print(table(read_results(args.json), args.models))
 

@@ -15,8 +15,8 @@ def test_a_run_s_line_gets_its_label_and_a_failed_run_a_line_of_its_own(tmp_path
     path = tmp_path / "runs.jsonl"
     write = f"open({str(path)!r}, 'a').write('{{\"model\": \"shunted_t\"}}\\n')"
     table.run_logged([sys.executable, "-c", write], 60, str(path), {"framework": "shunted_jax", "cached": True})
-    table.run_logged([sys.executable, "-c", "raise SystemExit(3)"], 60, str(path), {"framework": "torch",
-                                                                                   "model": "shunted_b", "compile": True})
+    failing = {"framework": "torch", "model": "shunted_b", "compile": True}
+    table.run_logged([sys.executable, "-c", "raise SystemExit(3)"], 60, str(path), failing)
     table.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, str(path),
                      {"framework": "torch", "model": "shunted_b", "compile": False})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -39,7 +39,8 @@ def test_the_table_gives_ratios_to_torch_compile_and_marks_the_targets(tmp_path,
     path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     table.main(["--json", str(path), "--print", "--models", "shunted_s", "pvt_v2_b2", "shunted_b"])
     out = capsys.readouterr().out
-    assert "| shunted_s | 1,000 / 8,000 | 1,300 / 8,400 | 3,900 / 12,600 | 3.00× (3×, met) | 1.50× (2×, not met) |" in out
+    assert ("| shunted_s | 1,000 / 8,000 | 1,300 / 8,400 | 3,900 / 12,600 | 3.00× (3×, met) "
+            "| 1.50× (2×, not met) |") in out
     assert "| pvt_v2_b2 | – / – | 2,000 / 10,000 | 3,000 / 16,000 | 1.50× | 1.60× (1.5×, met) |" in out
     assert "compile, cold: 50.0 s (target 30 s, not met)" in out and "compile, cached: 9.5 s (target 10 s, met)" in out
     assert "not measured: shunted_b, torch torch.compile: not finished in 400 s" in out

@@ -48,7 +48,7 @@ class _Rows:
         return centered * inv_std, inv_std
 
 
-def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, *, epsilon, apply_gelu, fast_math, **tiling):
+def _layer_norm_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, *, epsilon, apply_gelu, fast_math, **tiling):
     here = _Rows(**tiling)
     acc = scale_ref.dtype
     x_hat, _ = here.standardize(here.load(x_ref, acc), epsilon)
@@ -56,7 +56,7 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, *, epsilon, apply_gelu, f
     here.store(y_ref, y * normal_cdf(y, fast_math) if apply_gelu else y)
 
 
-def _backward_kernel(x_ref, scale_ref, bias_ref, g_ref, dx_ref, sums_ref, *, epsilon, apply_gelu, fast_math,
+def _layer_norm_backward_kernel(x_ref, scale_ref, bias_ref, g_ref, dx_ref, sums_ref, *, epsilon, apply_gelu, fast_math,
                      **tiling):
     """dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g * scale, and this block's
     sums of g x_hat and g (the 'scale' and 'bias' gradients); with `apply_gelu`, g is first
@@ -94,7 +94,8 @@ def _call(kernel, x, out_shape, epsilon, apply_gelu, target: Target, *args):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def pallas_layer_norm(x, scale, bias, epsilon: float, apply_gelu: bool, dtype, target: Target):
     """LayerNorm (then GELU) of (rows, channels) x; scale and bias in the accumulator dtype."""
-    return _call(_forward_kernel, x, jax.ShapeDtypeStruct(x.shape, dtype), epsilon, apply_gelu, target, scale, bias)
+    out_shape = jax.ShapeDtypeStruct(x.shape, dtype)
+    return _call(_layer_norm_forward_kernel, x, out_shape, epsilon, apply_gelu, target, scale, bias)
 
 
 def _forward(x, scale, bias, epsilon, apply_gelu, dtype, target):
@@ -105,7 +106,7 @@ def _backward(epsilon, apply_gelu, dtype, target, saved, g):
     x, scale, bias = saved
     _, blocks = _tiling(x)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((blocks, 2, x.shape[1]), scale.dtype))
-    dx, sums = _call(_backward_kernel, x, out_shape, epsilon, apply_gelu, target, scale, bias, g)
+    dx, sums = _call(_layer_norm_backward_kernel, x, out_shape, epsilon, apply_gelu, target, scale, bias, g)
     d_scale, d_bias = jnp.sum(sums, axis=0)
     return dx, d_scale, d_bias
 
