@@ -23,8 +23,9 @@ KINDS = [
     ("matmuls (cuBLAS, Triton GEMM fusions)", ("gemm", "cublas", "cutlass", "xmma", "matmul", "sm90_", "sm80_")),
     ("Pallas depthwise conv", ("_conv_kernel",)),
     ("Pallas depthwise weight gradient", ("_weight_grad_kernel",)),
-    ("Pallas LayerNorm", ("norm_kernel", "layer_norm")),
+    ("Pallas LayerNorm", ("layer_norm",)),
     ("Pallas short-key attention", ("attention_kernel", "attention_backward_kernel", "short_attention")),
+    ("NCCL collectives", ("nccl",)),
     ("XLA scatter", ("scatter",)),
     ("transposes and copies", ("transpose", "copy", "memcpy", "memset")),
     ("XLA reduction fusions", ("reduce", "reduction")),
@@ -45,12 +46,15 @@ def classify(name: str) -> str:
 
 
 def find_trace(trace_dir) -> pathlib.Path:
-    """The newest trace under `trace_dir`: each `jax.profiler.trace` call adds a run directory."""
+    """The trace of the newest run under `trace_dir` (each `jax.profiler.trace` call adds a run
+    directory): its perfetto_trace.json.gz, else its *.trace.json.gz."""
     root = pathlib.Path(trace_dir)
-    paths = list(root.rglob("perfetto_trace.json.gz")) or list(root.rglob("*.trace.json.gz"))
+    paths = list(root.rglob("perfetto_trace.json.gz")) + list(root.rglob("*.trace.json.gz"))
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz or *.trace.json.gz under {root}")
-    return max(paths, key=lambda path: path.stat().st_mtime)
+    newest = max(paths, key=lambda path: path.stat().st_mtime).parent
+    in_newest = [path for path in paths if path.parent == newest]
+    return min(in_newest, key=lambda path: path.name != "perfetto_trace.json.gz")
 
 
 def load_events(path) -> list:
@@ -84,14 +88,16 @@ def kernel_events(events: list) -> list:
 
 
 def summarise_events(events: list, steps: int) -> List[dict]:
-    """Per kind of kernel: ms and kernels per step and share of the kernel time, costliest first."""
+    """Per kind of kernel: ms and kernels per step and GPU (the mean over the GPUs that ran
+    kernels) and share of the kernel time, costliest first."""
     micros, counts = collections.Counter(), collections.Counter()
-    for event in kernel_events(events):
+    kernels = kernel_events(events)
+    for event in kernels:
         kind = classify(event.get("name", ""))
         micros[kind] += event.get("dur", 0)
         counts[kind] += 1
-    total = sum(micros.values())
-    rows = [{"kind": kind, "ms_per_step": micros[kind] / 1e3 / steps, "kernels_per_step": counts[kind] / steps,
+    total, per_step = sum(micros.values()), steps * max(1, len({event.get("pid") for event in kernels}))
+    rows = [{"kind": kind, "ms_per_step": micros[kind] / 1e3 / per_step, "kernels_per_step": counts[kind] / per_step,
              "share": micros[kind] / total if total else 0.0} for kind in counts]
     return sorted(rows, key=lambda row: -row["ms_per_step"])
 

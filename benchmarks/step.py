@@ -222,7 +222,7 @@ def append_json_line(path, result: dict) -> None:
             f.write(json.dumps(result) + "\n")
 
 
-def main(argv=None):
+def make_parser() -> argparse.ArgumentParser:
     from shunted_jax.train import compilation_cache
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,7 +241,13 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model field overrides")
     parser.add_argument("--compiler-options", metavar="'xla_name=value ...'",
                         help="XLA options of the jitted programs, instead of the config's ('' for XLA's defaults)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    from shunted_jax.train import compilation_cache
+
+    args = make_parser().parse_args(argv)
     compilation_cache.enable(args.cache_dir)
     result = run(args)
     append_json_line(args.json, result)

@@ -146,13 +146,17 @@ def format_part(kind: str, r: dict) -> str:
             f"({r['step_ms']:.1f} ms/step{compile_s}{memory})")
 
 
-def main(argv=None):
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", metavar="PATH/SSA.py", help="the official model file (for the Shunted models)")
     parser.add_argument("--model", required=True, choices=SHUNTED + TIMM)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_measurement_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     result = run(args)
     append_json_line(args.json, result)
     return result

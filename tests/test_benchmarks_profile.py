@@ -108,11 +108,12 @@ def test_a_device_without_stream_threads_counts_all_but_its_derived_timelines():
               kernel("triton_gemm_dot_1", 1000),
               kernel("loop_add_fusion", 7000, tid=11),  # the first device has streams: only they count
               kernel("input_reduce_fusion", 2000, pid=3, tid=5),  # no thread name: counts
-              kernel("_layer_norm_kernel", 500, pid=3, tid=6)]
+              kernel("_layer_norm_forward_kernel", 500, pid=3, tid=6)]
     events += [kernel("jit_train_step", 9000, pid=3, tid=tid) for tid in (1, 2, 3, 4)]
     rows = {row["kind"]: row for row in profile_summary.summarise_events(events, steps=1)}
+    # Two GPUs ran kernels: per step and GPU is half of each sum.
     assert {kind: row["ms_per_step"] for kind, row in rows.items()} == {
-        "matmuls (cuBLAS, Triton GEMM fusions)": 1.0, "XLA reduction fusions": 2.0, "Pallas LayerNorm": 0.5}
+        "matmuls (cuBLAS, Triton GEMM fusions)": 0.5, "XLA reduction fusions": 1.0, "Pallas LayerNorm": 0.25}
 
 
 def test_summarise_reads_the_newest_trace_in_either_json_form(tmp_path):
@@ -143,3 +144,18 @@ def test_command_line_prints_the_table_and_the_top_kernels(tmp_path, capsys):
     assert f"| `{STEP[0][0]}` | matmuls (cuBLAS, Triton GEMM fusions) | 6.00 | 2 |" in out
     assert "| `_depthwise_conv_kernel` | Pallas depthwise conv | 4.00 | 2 |" in out
     assert "_depthwise_weight_grad_kernel`" not in out
+
+
+def test_the_newest_run_wins_and_within_it_the_perfetto_file(tmp_path):
+    runs = tmp_path / "plugins" / "profile"
+    write_trace(runs / "run0" / "perfetto_trace.json.gz", [])
+    os.utime(runs / "run0" / "perfetto_trace.json.gz", (1_000_000, 1_000_000))
+    write_trace(runs / "run1" / "host.trace.json.gz", [])
+    assert profile_summary.find_trace(tmp_path) == runs / "run1" / "host.trace.json.gz"
+    write_trace(runs / "run1" / "perfetto_trace.json.gz", [])
+    os.utime(runs / "run1" / "perfetto_trace.json.gz", (2_000_000, 2_000_000))
+    assert profile_summary.find_trace(tmp_path) == runs / "run1" / "perfetto_trace.json.gz"
+
+
+def test_nccl_collectives_are_a_kind_of_their_own():
+    assert profile_summary.classify("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "NCCL collectives"

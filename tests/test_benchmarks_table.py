@@ -3,6 +3,8 @@ to torch.compile and the targets marked (no timing is run or asserted)."""
 import json
 import sys
 
+import pytest
+
 from benchmarks import table
 
 
@@ -44,3 +46,22 @@ def test_the_table_gives_ratios_to_torch_compile_and_marks_the_targets(tmp_path,
     assert "| pvt_v2_b2 | – / – | 2,000 / 10,000 | 3,000 / 16,000 | 1.50× | 1.60× (1.5×, met) |" in out
     assert "compile, cold: 50.0 s (target 30 s, not met)" in out and "compile, cached: 9.5 s (target 10 s, met)" in out
     assert "not measured: shunted_b, torch torch.compile: not finished in 400 s" in out
+
+
+def test_the_commands_are_what_the_benchmarks_parse():
+    """The flags table.py passes exist, and say what the table claims: normalisation alone, the
+    given cache, the official file only for the Shunted models."""
+    from benchmarks import step
+    from shunted_jax.data import device_ops
+
+    ours = step.make_parser().parse_args(table.ours_command("shunted_s", "runs.jsonl", "/tmp/cache")[3:])
+    assert (ours.model, ours.device_pp, ours.plain_device_pp, ours.cache_dir, ours.json) == (
+        "shunted_s", device_ops.EVAL_PP, "", "/tmp/cache", "runs.jsonl")
+    pytest.importorskip("torch")
+    from benchmarks import torch_reference
+
+    parse = torch_reference.make_parser().parse_args
+    shunted = parse(table.torch_command("shunted_b", "SSA.py", True, "runs.jsonl")[3:])
+    pvt = parse(table.torch_command("pvt_v2_b2", "SSA.py", False, "runs.jsonl")[3:])
+    assert (shunted.model, shunted.official, shunted.compile) == ("shunted_b", "SSA.py", True)
+    assert (pvt.model, pvt.official, pvt.compile, pvt.json) == ("pvt_v2_b2", None, False, "runs.jsonl")

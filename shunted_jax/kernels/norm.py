@@ -56,8 +56,8 @@ def _layer_norm_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, *, epsilon, ap
     here.store(y_ref, y * normal_cdf(y, fast_math) if apply_gelu else y)
 
 
-def _layer_norm_backward_kernel(x_ref, scale_ref, bias_ref, g_ref, dx_ref, sums_ref, *, epsilon, apply_gelu, fast_math,
-                     **tiling):
+def _layer_norm_backward_kernel(x_ref, scale_ref, bias_ref, g_ref, dx_ref, sums_ref, *, epsilon, apply_gelu,
+                                fast_math, **tiling):
     """dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g * scale, and this block's
     sums of g x_hat and g (the 'scale' and 'bias' gradients); with `apply_gelu`, g is first
     multiplied by GELU's slope at the recomputed normalized output."""
