@@ -87,15 +87,21 @@ def kernel_events(events: list) -> list:
     return [e for e in events if e.get("ph") == "X" and counted(e)]
 
 
+def _sums(kernels: list, key) -> Tuple[collections.Counter, collections.Counter]:
+    """(µs, count) of the kernels per key(kernel name)."""
+    micros, counts = collections.Counter(), collections.Counter()
+    for event in kernels:
+        name = key(event.get("name", ""))
+        micros[name] += event.get("dur", 0)
+        counts[name] += 1
+    return micros, counts
+
+
 def summarise_events(events: list, steps: int) -> List[dict]:
     """Per kind of kernel: ms and kernels per step and GPU (the mean over the GPUs that ran
     kernels) and share of the kernel time, costliest first."""
-    micros, counts = collections.Counter(), collections.Counter()
     kernels = kernel_events(events)
-    for event in kernels:
-        kind = classify(event.get("name", ""))
-        micros[kind] += event.get("dur", 0)
-        counts[kind] += 1
+    micros, counts = _sums(kernels, classify)
     total, per_step = sum(micros.values()), steps * max(1, len({event.get("pid") for event in kernels}))
     rows = [{"kind": kind, "ms_per_step": micros[kind] / 1e3 / per_step, "kernels_per_step": counts[kind] / per_step,
              "share": micros[kind] / total if total else 0.0} for kind in counts]
@@ -109,10 +115,7 @@ def summarise(trace_dir, steps: int) -> List[dict]:
 
 def top_kernels(events: list, n: int) -> List[Tuple[str, float, int]]:
     """(name, total ms, count) of the n kernel names with the most time: what to look at within a kind."""
-    micros, counts = collections.Counter(), collections.Counter()
-    for event in kernel_events(events):
-        micros[event.get("name", "")] += event.get("dur", 0)
-        counts[event.get("name", "")] += 1
+    micros, counts = _sums(kernel_events(events), lambda name: name)
     return [(name, total / 1e3, counts[name]) for name, total in micros.most_common(n)]
 
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 
 from shunted_jax.data import device_ops
+
 TARGETS = {  # (part, model): ratio to torch.compile (timm's compiled model for PVTv2)
     ("inference", "shunted_t"): 2.0, ("inference", "shunted_s"): 2.0, ("inference", "shunted_b"): 2.0,
     ("inference", "pvt_v2_b2"): 1.5,
