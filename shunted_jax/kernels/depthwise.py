@@ -179,7 +179,7 @@ def _pallas_conv(x, taps, bias, residual, target: Target, apply_gelu=False, keep
                                **tiling)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return pl.pallas_call(kernel, out_shape=(out, out) if keep_slope else out, grid=grid,
-                          interpret=target.interpret)(x, taps, bias)
+                          interpret=target.interpret, compiler_params=plt.CompilerParams())(x, taps, bias)
 
 
 def _edge_table(taps, bias, input_bias, residual):

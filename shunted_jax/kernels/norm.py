@@ -88,7 +88,8 @@ def _tiling(x):
 def _call(kernel, x, out_shape, epsilon, apply_gelu, target: Target, *args):
     tiling, blocks = _tiling(x)
     kernel = functools.partial(kernel, epsilon=epsilon, apply_gelu=apply_gelu, fast_math=target.fast_math, **tiling)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(blocks,), interpret=target.interpret)(x, *args)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(blocks,), interpret=target.interpret,
+                          compiler_params=plt.CompilerParams())(x, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
