@@ -1,6 +1,7 @@
 """Each preprocessing op on real (natural-looking and Fashion-MNIST) images."""
 import numpy as np
 import pytest
+from PIL import Image
 from helpers.data import jpeg_bytes, natural_image
 
 from shunted_jax.data import config, ops, randaug, registry
@@ -116,12 +117,25 @@ def test_decode_and_inception_crop_equals_decode_then_inception_crop(fashion_ima
             np.testing.assert_array_equal(fused, run_op("inception_crop(32)", run_op("decode_uint8", image), seed))
 
 
-def test_geometric_ops_keep_uint8_and_round_the_float_result(photo):
+def test_geometric_ops_keep_the_dtype_and_agree_across_dtypes(photo):
+    """uint8 resizes round and clip between PIL's two passes, float32 ones do not; the second pass
+    carries that through weights whose magnitudes sum past 1, so pixels at sharp edges differ by
+    several levels, the image on average by well under one."""
     image = photo.astype(np.uint8)
     for spec in ("resize(40)", "resize_shorter(40)", "inception_crop(40)", "center_crop(40)", "flip_lr(1.0)"):
         as_uint8, as_float = run_op(spec, image), run_op(spec, image.astype(np.float32))
         assert as_uint8.dtype == np.uint8 and as_float.dtype == np.float32
-        np.testing.assert_array_equal(as_uint8, np.round(as_float).astype(np.uint8))
+        assert as_float.min() >= 0 and as_float.max() <= 255
+        difference = np.abs(as_uint8 - as_float)
+        assert difference.mean() <= 0.5
+
+
+@pytest.mark.parametrize("size", [(40, 56), (130, 170)])
+def test_uint8_resizes_are_pils_bicubic_resize(photo, size):
+    """timm resizes PIL images: a uint8 resize, down or up, gives PIL's pixels exactly."""
+    image = photo.astype(np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(ops.resize_bicubic(tf.constant(image), *size).numpy(), expected)
 
 
 def test_float_ops_take_uint8_images(photo):
