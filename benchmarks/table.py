@@ -4,6 +4,7 @@ its own, one after another, then the table with the ratios and targets.
 
     python -m benchmarks.table --official PATH/SSA.py --json table.jsonl
         [--models shunted_t shunted_s shunted_b pvt_v2_b2] [--no-compile shunted_b] [--timeout 400]
+        [--parts eager compile ours]
     python -m benchmarks.table --json table.jsonl --print     # the table of runs already made
 
 Every run appends its result to `--json`, so a table can be made in several calls of the same
@@ -63,15 +64,20 @@ def run_logged(command: list, timeout: float, json_path: str, label: dict) -> No
     path.write_text("".join(line + "\n" for line in lines))
 
 
+PARTS = {False: "eager", True: "compile"}  # the PyTorch runs, by `compiled`; "ours" is this project's
+
+
 def run_all(args) -> None:
     """Each model's compiles are cold: a persistent cache of its own, which also keeps XLA's
     autotuning results (models with the same layer shapes would otherwise share them)."""
     for model in args.models:
         for compiled in (False, True):
-            if compiled and model in args.no_compile:
+            if PARTS[compiled] not in args.parts or (compiled and model in args.no_compile):
                 continue
             run_logged(torch_command(model, args.official, compiled, args.json), args.timeout, args.json,
                        {"model": model, "framework": "torch", "compile": compiled})
+        if "ours" not in args.parts:
+            continue
         cache_dir = tempfile.mkdtemp(prefix=f"jax_cache_{model}_")
         try:
             run_logged(ours_command(model, args.json, cache_dir), args.timeout, args.json,
@@ -143,12 +149,16 @@ def main(argv=None):
     parser.add_argument("--official", metavar="PATH/SSA.py", help="the official Shunted model file")
     parser.add_argument("--models", nargs="+", default=["shunted_t", "shunted_s", "shunted_b", "pvt_v2_b2"])
     parser.add_argument("--no-compile", nargs="*", default=[], metavar="MODEL", help="skip torch.compile for these")
+    parser.add_argument("--parts", nargs="+", default=["eager", "compile", "ours"], choices=["eager", "compile", "ours"],
+                        help="which runs to make: PyTorch eager, torch.compile, this project's (a table made in "
+                             "several calls of one machine)")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per benchmark run")
     parser.add_argument("--json", required=True, metavar="FILE", help="the JSON lines the runs append to")
     parser.add_argument("--print", action="store_true", help="only print the table of the runs in --json")
     args = parser.parse_args(argv)
     if not args.print:
-        if any(m.startswith("shunted") for m in args.models) and not args.official:
+        torch_runs = {"eager", "compile"} & set(args.parts)
+        if torch_runs and any(m.startswith("shunted") for m in args.models) and not args.official:
             parser.error("the Shunted models need --official PATH/SSA.py "
                          "(a checkout of OliverRensu/Shunted-Transformer)")
         run_all(args)

@@ -65,3 +65,23 @@ def test_the_commands_are_what_the_benchmarks_parse():
     pvt = parse(table.torch_command("pvt_v2_b2", "SSA.py", False, "runs.jsonl")[3:])
     assert (shunted.model, shunted.official, shunted.compile) == ("shunted_b", "SSA.py", True)
     assert (pvt.model, pvt.official, pvt.compile, pvt.json) == ("pvt_v2_b2", None, False, "runs.jsonl")
+
+
+def test_parts_choose_which_runs_are_made(tmp_path, monkeypatch):
+    """A table made in several calls: each call makes only the runs of its parts, and only the
+    PyTorch runs of a Shunted model need the official file."""
+    made = []
+    monkeypatch.setattr(table, "run_logged", lambda command, timeout, path, label: made.append(label))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("")
+    path = str(path)
+    table.main(["--json", path, "--models", "shunted_s", "pvt_v2_b2", "--parts", "ours"])
+    assert made == [{"model": "shunted_s", "framework": "shunted_jax"},
+                    {"model": "shunted_s", "framework": "shunted_jax", "cached": True},
+                    {"model": "pvt_v2_b2", "framework": "shunted_jax"}]
+    made.clear()
+    table.main(["--json", path, "--official", "SSA.py", "--models", "shunted_s", "shunted_b", "--parts", "compile",
+                "--no-compile", "shunted_b"])
+    assert made == [{"model": "shunted_s", "framework": "torch", "compile": True}]
+    with pytest.raises(SystemExit):
+        table.main(["--json", path, "--models", "shunted_t", "--parts", "eager"])
