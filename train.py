@@ -19,7 +19,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shunt
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here; resumes from it.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate), or run the evaluators on the latest checkpoint.")
-flags.DEFINE_bool("verbose", False, "Also show orbax's and asyncio's own log lines.")
+flags.DEFINE_bool("verbose", False, "Also show orbax's and asyncio's own log lines, and JAX's and TFDS's INFO lines.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

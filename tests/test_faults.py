@@ -1,6 +1,7 @@
 """Faults of real train.py processes: two runs on one workdir, a killed holder, damaged checkpoints,
 a full disk, and evaluation of missing, empty and read-only workdirs."""
 import contextlib
+import logging
 import pathlib
 import shutil
 import signal
@@ -92,6 +93,20 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumed(tra
     assert (workdir / "checkpoints" / "6.damaged-1" / "state").is_dir()
     assert checkpoint_steps(workdir) == [2, 4, 6]
     assert_same_final_eval(workdir, trained)
+
+
+def test_the_console_filter_drops_library_chatter_and_keeps_our_lines_and_library_warnings():
+    def shown(path, level=logging.INFO):
+        record = logging.LogRecord("absl", level, path, 1, "message", None, None)
+        return console._DropLibraryRecords().filter(record)
+
+    site = "/usr/lib/python3.11/site-packages"
+    assert shown("/work/shunted_jax/train/loop.py")  # the progress line
+    assert not shown(f"{site}/jax/_src/xla_bridge.py")  # "Unable to initialize backend 'tpu'"
+    assert not shown(f"{site}/tensorflow_datasets/core/dataset_info.py")
+    assert shown(f"{site}/jax/_src/xla_bridge.py", logging.WARNING)
+    assert shown(f"{site}/tensorflow_datasets/core/reader.py", logging.ERROR)
+    assert not shown(f"{site}/orbax/checkpoint/checkpointer.py", logging.ERROR)
 
 
 def test_the_errors_of_abandoned_orbax_reads_are_dropped_and_no_others():

@@ -1,5 +1,6 @@
 """What a run prints: our progress, warnings and errors, and none of the libraries' internal chatter."""
 import logging
+import pathlib
 import re
 import sys
 
@@ -26,6 +27,11 @@ def short_cause(error: BaseException, limit: int = 240) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+# Libraries whose INFO lines say what they do at every start ("Unable to initialize backend
+# 'tpu'", "Load dataset info from ..."); their warnings and errors still print.
+_INFO_CHATTY = frozenset({"jax", "tensorflow_datasets"})
+
+
 def _in_orbax(path: str) -> bool:
     """Whether a source file belongs to orbax."""
     return "/orbax/" in path.replace("\\", "/")
@@ -33,16 +39,20 @@ def _in_orbax(path: str) -> bool:
 
 class _DropLibraryRecords(logging.Filter):
     """Drops absl log records emitted from orbax's source files (its per-save INFO lines and the
-    per-array ERROR lines of a failed write, which our own one-line error replaces)."""
+    per-array ERROR lines of a failed write, which our own one-line error replaces), and the INFO
+    records of `_INFO_CHATTY`'s packages."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _in_orbax(record.pathname)
+        if _in_orbax(record.pathname):
+            return False
+        folders = set(pathlib.PurePath(record.pathname.replace("\\", "/")).parts[:-1])
+        return record.levelno > logging.INFO or not folders & _INFO_CHATTY
 
 
 def quiet_logging(verbose: bool) -> None:
-    """Unless verbose, silences orbax's log lines, asyncio's "exception was never retrieved"
-    reports and the errors of orbax's abandoned coroutines; a failed save or restore then shows as
-    our one line instead of hundreds."""
+    """Unless verbose, silences orbax's log lines, JAX's and TensorFlow Datasets' INFO lines,
+    asyncio's "exception was never retrieved" reports and the errors of orbax's abandoned
+    coroutines; a failed save or restore then shows as our one line instead of hundreds."""
     if verbose:
         return
     from absl import logging as absl_logging
