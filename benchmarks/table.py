@@ -64,7 +64,7 @@ def run_logged(command: list, timeout: float, json_path: str, label: dict) -> No
     path.write_text("".join(line + "\n" for line in lines))
 
 
-PARTS = {False: "eager", True: "compile"}  # the PyTorch runs, by `compiled`; "ours" is this project's
+PARTS = ("eager", "compile", "ours")  # PyTorch eager, torch.compile, this project's
 
 
 def run_all(args) -> None:
@@ -72,7 +72,8 @@ def run_all(args) -> None:
     autotuning results (models with the same layer shapes would otherwise share them)."""
     for model in args.models:
         for compiled in (False, True):
-            if PARTS[compiled] not in args.parts or (compiled and model in args.no_compile):
+            part = "compile" if compiled else "eager"
+            if part not in args.parts or (compiled and model in args.no_compile):
                 continue
             run_logged(torch_command(model, args.official, compiled, args.json), args.timeout, args.json,
                        {"model": model, "framework": "torch", "compile": compiled})
@@ -149,7 +150,7 @@ def main(argv=None):
     parser.add_argument("--official", metavar="PATH/SSA.py", help="the official Shunted model file")
     parser.add_argument("--models", nargs="+", default=["shunted_t", "shunted_s", "shunted_b", "pvt_v2_b2"])
     parser.add_argument("--no-compile", nargs="*", default=[], metavar="MODEL", help="skip torch.compile for these")
-    parser.add_argument("--parts", nargs="+", default=["eager", "compile", "ours"], choices=["eager", "compile", "ours"],
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="which runs to make: PyTorch eager, torch.compile, this project's (a table made in "
                              "several calls of one machine)")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per benchmark run")
@@ -157,8 +158,7 @@ def main(argv=None):
     parser.add_argument("--print", action="store_true", help="only print the table of the runs in --json")
     args = parser.parse_args(argv)
     if not args.print:
-        torch_runs = {"eager", "compile"} & set(args.parts)
-        if torch_runs and any(m.startswith("shunted") for m in args.models) and not args.official:
+        if {"eager", "compile"} & set(args.parts) and any(m.startswith("shunted") for m in args.models) and not args.official:
             parser.error("the Shunted models need --official PATH/SSA.py "
                          "(a checkout of OliverRensu/Shunted-Transformer)")
         run_all(args)

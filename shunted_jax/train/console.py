@@ -32,9 +32,14 @@ def short_cause(error: BaseException, limit: int = 240) -> str:
 _INFO_CHATTY = frozenset({"jax", "tensorflow_datasets"})
 
 
+def _folders(path: str) -> set:
+    """The folder names on a source file's path (its package and those above it)."""
+    return set(pathlib.PurePath(path.replace("\\", "/")).parts[:-1])
+
+
 def _in_orbax(path: str) -> bool:
     """Whether a source file belongs to orbax."""
-    return "/orbax/" in path.replace("\\", "/")
+    return "orbax" in _folders(path)
 
 
 class _DropLibraryRecords(logging.Filter):
@@ -43,9 +48,9 @@ class _DropLibraryRecords(logging.Filter):
     records of `_INFO_CHATTY`'s packages."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _in_orbax(record.pathname):
+        folders = _folders(record.pathname)
+        if "orbax" in folders:
             return False
-        folders = set(pathlib.PurePath(record.pathname.replace("\\", "/")).parts[:-1])
         return record.levelno > logging.INFO or not folders & _INFO_CHATTY
 
 
