@@ -60,15 +60,18 @@ def test_tensorboard_summaries_do_not_import_pytorch(tmp_path):
 
 
 def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_path):
-    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
-    process = start_train(tmp_path, *flags)
+    # A cache of its own: the first process compiles the step afresh and keeps it whole, and the
+    # restart loads it from there (a step that JAX's cache served is not kept).
+    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4",
+             f"--config.compilation_cache_dir={tmp_path / 'cache'}")
+    process = start_train(tmp_path / "run", *flags)
     wait_for_line(process, "step 9/12")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert max(checkpoint_steps(tmp_path)) < 12
-    resumed = run_train(tmp_path, *flags)
-    assert "resumed from" in resumed.stderr
-    want, got = saved_params(straight_run, 12), saved_params(tmp_path, 12)
+    assert max(checkpoint_steps(tmp_path / "run")) < 12
+    resumed = run_train(tmp_path / "run", *flags)
+    assert "resumed from" in resumed.stderr and "loaded the compiled train_step" in resumed.stderr
+    want, got = saved_params(straight_run, 12), saved_params(tmp_path / "run", 12)
     for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-6)
 

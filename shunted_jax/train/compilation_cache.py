@@ -1,12 +1,36 @@
-"""JAX's persistent compilation cache, so that a restarted run loads its compiled steps instead of
-compiling them again (a minute for a large model on a GPU)."""
+"""Compiled steps kept between runs, so that a restarted run starts training in seconds.
+
+Two layers. JAX's persistent compilation cache saves XLA's compile (a minute for a large model on
+a GPU), but its key is the lowered program, so every run still traces and lowers its step: seconds
+of Python, more than the cache load itself. The store of whole steps beside it (`compiled_step`)
+keeps the compiled step under a key made of everything that decides the program, and a run whose
+key matches loads it without tracing. This is what maxtext's ahead-of-time compilation does with
+`jax.experimental.serialize_executable`; here the key is computed, so no user has to manage files.
+"""
+import contextlib
+import hashlib
+import importlib.metadata
+import json
 import os
+import pathlib
+import pickle
+import sys
+import tempfile
 
 import jax
+from absl import logging
+from jax.experimental import serialize_executable
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "shunted_jax", "jax")
 # Programs that compile faster than this are not worth a file each.
 MIN_COMPILE_SECONDS = 1.0
+STEPS_SUBDIR = "steps"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
+# JAX settings that change where programs are kept or what is logged, not the programs.
+_NEUTRAL_SETTINGS = ("cache", "log_compiles", "explain", "debug_log")
+# Environment variables that change what XLA compiles.
+_COMPILER_ENV = ("XLA_", "LIBTPU_", "TPU_", "NVIDIA_TF32_OVERRIDE")
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def enable(directory: str) -> None:
@@ -16,3 +40,117 @@ def enable(directory: str) -> None:
     if directory:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+
+
+def steps_dir():
+    """Where whole compiled steps are kept: beside JAX's persistent cache, whenever one is on."""
+    directory = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(directory) / STEPS_SUBDIR if directory else None
+
+
+def _describe_argument(leaf) -> tuple:
+    sharding = getattr(leaf, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    device_ids = tuple(int(d.id) for d in mesh.devices.flat) if mesh is not None else None
+    return str(jax.typeof(leaf)), repr(sharding), device_ids
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def program_key(name: str, config, args) -> str:
+    """A hash of everything that decides the program a step lowers to: its name and config, the
+    types and shardings of its arguments, the devices, this package's source, every installed
+    distribution's version, the Python version, JAX's settings and XLA's environment. A change to
+    any of them gives another key, so a stale program is never loaded."""
+    leaves, treedef = jax.tree.flatten(args)
+    settings = {k: v for k, v in jax.config.values.items() if not any(n in k for n in _NEUTRAL_SETTINGS)}
+    client = jax.devices()[0].client
+    parts = {
+        "name": name,
+        "config": config.to_json_best_effort(sort_keys=True),
+        "arguments": [str(treedef), [_describe_argument(leaf) for leaf in leaves]],
+        "devices": [client.platform, client.platform_version,
+                    [(d.id, d.process_index, d.device_kind) for d in jax.devices()]],
+        "source": _source_digest(),
+        "distributions": sorted((d.metadata["Name"], d.version) for d in importlib.metadata.distributions()),
+        "python": sys.version,
+        "settings": sorted((k, repr(v)) for k, v in settings.items()),
+        "environment": sorted((k, v) for k, v in os.environ.items() if k.startswith(_COMPILER_ENV)),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _load(path: pathlib.Path):
+    payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+    devices = {device.id: device for device in jax.devices()}
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                     execution_devices=[devices[i] for i in device_ids])
+
+
+def _save(compiled, path: pathlib.Path) -> None:
+    """Written to a temporary file and renamed, so that concurrent runs never read half a file."""
+    device_ids = [device.id for device in compiled.runtime_executable().local_devices()]
+    blob = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+        temporary = pathlib.Path(file.name)
+        try:
+            file.write(blob)
+        except OSError:
+            temporary.unlink()
+            raise
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _counting_cache_hits():
+    """Yields a list that gains an entry for each program JAX's persistent cache serves meanwhile."""
+    hits = []
+
+    def listener(event, **kwargs):
+        if event == CACHE_HIT_EVENT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+
+
+def compiled_step(jitted, args, *, name: str, config):
+    """`jitted` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s, positional): loaded from
+    the store when a run with the same `program_key` saved it, otherwise compiled (through JAX's
+    persistent cache) and saved there, unless JAX's cache served it. Without a cache directory, or with several processes (each
+    would load its own part; JAX's persistent cache serves them), this is `jitted` as it is.
+
+    The store's files are pickles, trusted like JAX's cache: keep the directory private. A file
+    that cannot be loaded or written is reported and compiled around; nothing stops.
+    """
+    directory = steps_dir()
+    if directory is None or jax.process_count() > 1:
+        return jitted
+    path = directory / f"{name}-{program_key(name, config, args)}.pkl"
+    if path.exists():
+        try:
+            compiled = _load(path)
+        except Exception as error:  # a file from an interrupted or incompatible writer
+            logging.warning("could not load the compiled %s from %s (%s); compiling it", name, path, error)
+        else:
+            logging.info("loaded the compiled %s from %s", name, path)
+            return compiled
+    with _counting_cache_hits() as hits:
+        compiled = jitted.lower(*args).compile()
+    if hits:  # XLA:CPU serializes such an executable without its functions: it would fail when run
+        logging.info("the %s came from JAX's persistent cache, so it is not kept whole", name)
+        return compiled
+    try:
+        _save(compiled, path)
+    except Exception as error:
+        logging.warning("could not save the compiled %s to %s (%s); a restart will trace it again", name, path, error)
+    return compiled

@@ -2,6 +2,7 @@
 and Flax's imagenet example's: config -> mesh -> data -> model and state -> restore -> steps,
 with checkpoints and evaluations on the way."""
 import contextlib
+import itertools
 import json
 import signal
 import time
@@ -166,6 +167,10 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         cleanup.callback(batches.close)
+        first_batch = next(batches)
+        train_step = compilation_cache.compiled_step(train_step, (train_state, first_batch), name="train_step",
+                                                     config=config)
+        batches = itertools.chain([first_batch], batches)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start

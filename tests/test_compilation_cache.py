@@ -1,0 +1,127 @@
+"""The store of compiled steps: a matching key loads without tracing, any change compiles anew,
+a bad file is compiled around. (A real restart through it: test_train_loop's SIGKILL test.)"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from shunted_jax.train import compilation_cache
+
+
+def scaled(x, y):
+    return x * y + 1
+
+
+def fresh_step():
+    """A new function each time: JAX's in-memory caches cannot hand back an earlier executable."""
+    return jax.jit(lambda x, y: scaled(x, y))
+
+
+def inputs(n: int = 8):
+    return jnp.arange(n, dtype=jnp.float32), jnp.full((n,), 2.0, jnp.float32)
+
+
+def config(scale: float = 1.0):
+    return ml_collections.ConfigDict({"model": {"scale": scale}, "seed": 0})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty store, and JAX's persistent cache writing nothing meanwhile: whatever compiles here
+    compiles afresh in any later test run."""
+    monkeypatch.setattr(compilation_cache, "steps_dir", lambda: tmp_path)
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    yield tmp_path
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+def on_a_permuted_mesh(x):
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices[1:] + devices[:1]), ("data",))
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+
+
+@pytest.mark.parametrize("place", [lambda x: x, on_a_permuted_mesh], ids=["one device", "a permuted mesh"])
+def test_a_saved_step_is_loaded_without_tracing_and_computes_the_same(store, place):
+    x, y = map(place, inputs())
+    first = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    assert len(list(store.glob("step-*.pkl"))) == 1
+
+    class Untraceable:
+        def lower(self, *args):
+            raise AssertionError("traced although the store holds the step")
+
+    loaded = compilation_cache.compiled_step(Untraceable(), (x, y), name="step", config=config())
+    np.testing.assert_array_equal(loaded(x, y), first(x, y))
+    np.testing.assert_array_equal(loaded(x, y), scaled(x, y))
+
+
+def test_the_key_changes_with_config_arguments_and_name(store):
+    x, y = inputs()
+    base = compilation_cache.program_key("step", config(), (x, y))
+    assert compilation_cache.program_key("step", config(), (x, y)) == base
+    assert compilation_cache.program_key("step", config(scale=2.0), (x, y)) != base
+    assert compilation_cache.program_key("eval", config(), (x, y)) != base
+    assert compilation_cache.program_key("step", config(), inputs(16)) != base
+    assert compilation_cache.program_key("step", config(), (x.astype(jnp.bfloat16), y)) != base
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    split = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    assert compilation_cache.program_key("step", config(), (split, y)) != base
+
+
+def test_the_key_changes_with_the_source(tmp_path, monkeypatch):
+    package = tmp_path / "package"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "layers.py").write_text("SCALE = 1\n")
+    monkeypatch.setattr(compilation_cache, "PACKAGE_DIR", package)
+    before = compilation_cache.program_key("step", config(), inputs())
+    (package / "models" / "layers.py").write_text("SCALE = 2\n")
+    assert compilation_cache.program_key("step", config(), inputs()) != before
+
+
+def test_a_file_that_does_not_load_is_reported_and_replaced(store, caplog):
+    x, y = inputs()
+    key = compilation_cache.program_key("step", config(), (x, y))
+    (store / f"step-{key}.pkl").write_bytes(b"half a file")
+    with caplog.at_level(logging.WARNING):
+        compiled = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    assert "could not load the compiled step" in caplog.text
+    np.testing.assert_array_equal(compiled(x, y), scaled(x, y))
+    reloaded = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    np.testing.assert_array_equal(reloaded(x, y), scaled(x, y))
+    assert [p.name for p in store.iterdir()] == [f"step-{key}.pkl"]
+
+
+def test_the_store_follows_jaxs_cache_and_is_off_without_it():
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", "/some/cache")
+        assert str(compilation_cache.steps_dir()) == "/some/cache/steps"
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation_cache.steps_dir() is None
+        jitted = jax.jit(scaled)
+        assert compilation_cache.compiled_step(jitted, inputs(), name="step", config=config()) is jitted
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_step_served_by_jaxs_cache_is_not_kept(store):
+    """XLA:CPU serializes an executable that JAX's cache loaded without its functions (running
+    it fails with "Function ... not found"), so only freshly compiled steps are kept."""
+    x, y = inputs()
+
+    def served_step():
+        return jax.jit(lambda x, y: x * y - 3)
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
+    for path in store.iterdir():
+        path.unlink()
+    served = compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
+    assert list(store.iterdir()) == []
+    np.testing.assert_array_equal(served(x, y), x * y - 3)
