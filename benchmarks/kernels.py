@@ -1,7 +1,7 @@
 """Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
 Shunted stage shape.
 
-    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|all]
+    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|device_ops|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
@@ -10,6 +10,9 @@ picks for attention), and "depthwise" those of "Session 5": the model's Depthwis
 FFN's residual) and FeedForward modules with `kernels="depthwise=xla"` and `"depthwise=pallas"`.
 "pvt_attention" runs the attention candidates at PVTv2-b2's shapes (head dim 64, 49 keys) and
 first prints the Pallas kernels' largest error against float32 einsums, forward and gradients.
+"device_ops" times the train step's device preprocessing on a uint8 batch of 128 x 224^2: the
+configs' strings whole, then each RandAugment operation alone on every image (the policy computes
+every operation for every image in each layer, then selects: their sum is most of its cost).
 """
 import sys
 import time
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from shunted_jax.data import device_ops
 from shunted_jax.kernels.common import target_for
 from shunted_jax.kernels.dispatch import pad_keys
 from shunted_jax.kernels.short_attention import short_attention
@@ -126,6 +130,20 @@ def module_timings(name: str, module, x) -> None:
     report(f"{name} train b128", training(module.apply), variables, x[:128])
 
 
+def device_ops_timings(batch: int = 128, size: int = 224, level: float = 0.9) -> None:
+    images = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
+    keys = device_ops.example_keys(jax.random.key(0), 1, jnp.arange(batch))
+    for pp in (device_ops.TRAIN_PP, "randaug(2,9,0.5)", device_ops.EVAL_PP):
+        report(f"device ops {pp}", device_ops.build(pp), images, keys)
+    floats = images.astype(jnp.float32)
+    for op in device_ops.operations():
+        if op.apply is not None:
+            report(f"operation {op.name}", jax.vmap(lambda image, op=op: op.apply(image, level, 1.0)), floats)
+    rotate = device_ops.rotation(level * 30.0, size, size)
+    report("operation affine warp (Rotate, ShearX/Y, TranslateX/YRel)",
+           jax.vmap(lambda image: device_ops.affine(image, rotate)), floats)
+
+
 def main(part: str) -> None:
     key = jax.random.key(0)
     if part in ("attention", "all"):
@@ -162,6 +180,8 @@ def main(part: str) -> None:
                 module_timings(f"ffn module, depthwise {impl} {side}x{side}x{channels}->{hidden}",
                                FeedForward(hidden, dtype=BF16, kernels=f"depthwise={impl}"),
                                jax.random.normal(key, (256, side, side, channels), BF16))
+    if part in ("device_ops", "all"):
+        device_ops_timings()
 
 
 if __name__ == "__main__":

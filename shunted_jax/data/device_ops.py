@@ -16,7 +16,8 @@ something else than the PIL operations timm applies: its adjust_brightness adds 
 multiplies, its adjust_contrast blends each channel with that channel's mean where PIL blends with
 the mean luma, its adjust_saturation works in HSV where PIL blends with the luma; and it has no
 AutoContrast, Equalize, Invert, Posterize, SolarizeAdd, PIL's smoothing kernel for Sharpness, random
-erasing or normalisation. Two are written for speed on the GPU (see `_luma` and `_histogram`). This
+erasing or normalisation. Three are written for speed on the GPU (see `_luma`, `_histogram` and
+`_per_channel`). This
 module imports no TensorFlow, so it repeats the few constants it shares with the host ops (the tests
 check that they agree).
 """
@@ -70,10 +71,21 @@ def _luma(image):
     return LUMA_WEIGHTS[0] * red + LUMA_WEIGHTS[1] * green + LUMA_WEIGHTS[2] * blue
 
 
+def _per_channel(reduce, image):
+    """`reduce(image, axis=(0, 1))` with the channels kept, as (1, 1, C), over H x W x C rows of
+    pixel groups: reducing H x W x 3 directly keeps a minor dimension of 3, which XLA:GPU
+    vectorises poorly; (H W / g) rows of g pixels x C values reduce first, then the g groups.
+    Exact for min and max, whose result does not depend on the order."""
+    height, width, channels = image.shape
+    group = math.gcd(height * width, 32)
+    rows = reduce(image.reshape(height * width // group, group * channels), axis=0)
+    return reduce(rows.reshape(group, channels), axis=0).reshape(1, 1, channels)
+
+
 def auto_contrast(image):
     """Stretches each channel so its darkest pixel is 0 and brightest 255."""
-    low = image.min(axis=(0, 1), keepdims=True)
-    high = image.max(axis=(0, 1), keepdims=True)
+    low = _per_channel(jnp.min, image)
+    high = _per_channel(jnp.max, image)
     stretched = (image - low) * (255.0 / jnp.maximum(high - low, 1e-6))
     return jnp.where(high > low, stretched, image)
 
