@@ -17,9 +17,8 @@ multiplies, its adjust_contrast blends each channel with that channel's mean whe
 the mean luma, its adjust_saturation works in HSV where PIL blends with the luma; and it has no
 AutoContrast, Equalize, Invert, Posterize, SolarizeAdd, PIL's smoothing kernel for Sharpness, random
 erasing or normalisation. Three are written for speed on the GPU (see `_luma`, `_histogram` and
-`_per_channel`). This
-module imports no TensorFlow, so it repeats the few constants it shares with the host ops (the tests
-check that they agree).
+`_per_channel`). This module imports no TensorFlow, so it repeats the few constants it shares with
+the host ops (the tests check that they agree).
 """
 import math
 from typing import Callable, NamedTuple
