@@ -120,13 +120,27 @@ def test_the_drawn_operations_and_magnitudes_follow_the_policy():
     assert_frequency(magnitude == 10.0, above)
 
 
+def test_equalize_leaves_the_images_it_is_not_kept_for(images):
+    """RandAugment's Equalize skips its histogram for images that do not keep it."""
+    active = jnp.array([True, False, True, False])
+    out = np.asarray(jax.jit(jax.vmap(device_ops.equalize))(images, active))
+    full = np.asarray(jax.jit(jax.vmap(device_ops.equalize))(images))
+    np.testing.assert_array_equal(out[::2], full[::2])
+    np.testing.assert_array_equal(out[1::2], images[1::2])
+    assert np.abs(full[1::2] - images[1::2]).mean() > 1
+
+
 def test_randaug_applies_the_drawn_operations_in_order(images, apply_operation):
-    """build's randaug is its drawn layers applied in turn, each only where its gate is open."""
+    """build's randaug is its drawn layers applied in turn, each only where its gate is open; over
+    enough steps that every operation has been applied (those that skip work where they are not
+    kept among them)."""
     augment = jax.jit(device_ops.build("randaug(2,9,0.5)"))
     draw = jax.jit(jax.vmap(lambda key: device_ops.draw_layers(key, 2, 9.0, 0.5)))
     originals = images.round().astype(np.uint8)
-    gates = []
-    for step in range(4):
+    gates, applied_operations = [], set()
+    for step in range(200):
+        if len(applied_operations) == len(device_ops.OPERATION_NAMES):
+            break
         keys = device_ops.example_keys(jax.random.key(2), step, jnp.arange(len(images)))
         draws = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))
         expected = originals.astype(np.float32)
@@ -134,7 +148,9 @@ def test_randaug_applies_the_drawn_operations_in_order(images, apply_operation):
             augmented = apply_operation(expected, draws.index[:, layer], draws.level[:, layer], draws.sign[:, layer])
             expected = np.where(np.asarray(draws.applied[:, layer])[:, None, None, None], augmented, expected)
         gates.append(np.asarray(draws.applied))
+        applied_operations.update(np.asarray(draws.index)[np.asarray(draws.applied)].tolist())
         np.testing.assert_allclose(np.asarray(augment(originals, keys)), expected, atol=1e-4)
+    assert len(applied_operations) == len(device_ops.OPERATION_NAMES)
     assert 0 < np.mean(gates) < 1
 
 

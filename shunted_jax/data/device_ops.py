@@ -89,23 +89,27 @@ def auto_contrast(image):
     return jnp.where(high > low, stretched, image)
 
 
-def _histogram(values, copies: int = 32):
-    """The 256-bin histogram of int values in [0, 255], as `jnp.bincount(values.ravel(), length=256)`.
+def _histogram(values, active=True, copies: int = 32):
+    """The 256-bin histogram of int values in [0, 255], as `jnp.bincount(values.ravel(), length=256)`;
+    all zeros unless `active`.
 
     Neighbouring pixels often share a value, so a scatter-add into one set of 256 bins makes the
     GPU's atomic adds wait on each other. Pixel i adds into copy i % `copies` of the bins, and the
-    copies are summed: the same counts in 0.57x the time of bincount (BENCHMARKS.md).
+    copies are summed: the same counts in 0.57x the time of bincount (BENCHMARKS.md). An inactive
+    image's pixels get an index past the bins, which the scatter drops without an atomic add:
+    RandAugment computes Equalize for every image but keeps it for about one in 30.
     """
     flat = values.ravel()
     copy = jnp.arange(flat.size, dtype=flat.dtype) % copies
-    bins = jnp.zeros((256 * copies,), jnp.int32).at[flat * copies + copy].add(1)
+    index = jnp.where(active, flat * copies + copy, 256 * copies)
+    bins = jnp.zeros((256 * copies,), jnp.int32).at[index].add(1, mode="drop")
     return bins.reshape(256, copies).sum(axis=1)
 
 
-def _equalize_channel(channel):
-    """PIL's ImageOps.equalize for one channel (H x W) of values in [0, 255]."""
+def _equalize_channel(channel, active=True):
+    """PIL's ImageOps.equalize for one channel (H x W) of values in [0, 255] (unchanged unless `active`)."""
     values = jnp.clip(jnp.round(channel), 0, 255).astype(jnp.int32)
-    histogram = _histogram(values)
+    histogram = _histogram(values, active)
     brightest = 255 - jnp.argmax(histogram[::-1] > 0)  # values.max(), without another pass over the image
     step = (histogram.sum() - histogram[brightest]) // 255
     below = jnp.cumsum(histogram) - histogram
@@ -113,8 +117,9 @@ def _equalize_channel(channel):
     return jnp.where(step > 0, lut[values].astype(channel.dtype), channel)
 
 
-def equalize(image):
-    return jax.vmap(_equalize_channel, in_axes=-1, out_axes=-1)(image)
+def equalize(image, active=True):
+    """PIL's ImageOps.equalize, channel by channel; the image as it is unless `active`, at less cost."""
+    return jax.vmap(_equalize_channel, in_axes=(-1, None), out_axes=-1)(image, active)
 
 
 def invert(image):
@@ -204,7 +209,8 @@ def _transform(a0=1.0, a1=0.0, a2=0.0, a3=0.0, a4=1.0, a5=0.0):
 
 
 class Operation(NamedTuple):
-    """One of RandAugment's operations. A photometric one has `apply(image, level, sign)`; a
+    """One of RandAugment's operations. A photometric one has `apply(image, level, sign, active)`,
+    where `active` says whether the result is kept (an operation may skip work where it is not); a
     geometric one has `transform(level, sign, height, width)`, the affine transform it warps by."""
 
     name: str
@@ -228,17 +234,18 @@ def operations(increasing: bool = True) -> list[Operation]:
         return 256.0 - scaled if increasing else scaled
 
     return [
-        Operation("AutoContrast", apply=lambda image, level, sign: auto_contrast(image)),
-        Operation("Equalize", apply=lambda image, level, sign: equalize(image)),
-        Operation("Invert", apply=lambda image, level, sign: invert(image)),
+        Operation("AutoContrast", apply=lambda image, level, sign, active: auto_contrast(image)),
+        Operation("Equalize", apply=lambda image, level, sign, active: equalize(image, active)),
+        Operation("Invert", apply=lambda image, level, sign, active: invert(image)),
         Operation("Rotate", transform=lambda level, sign, h, w: rotation(level * 30.0 * sign, h, w)),
-        Operation("Posterize", apply=lambda image, level, sign: posterize(image, posterize_bits(level))),
-        Operation("Solarize", apply=lambda image, level, sign: solarize(image, solarize_threshold(level))),
-        Operation("SolarizeAdd", apply=lambda image, level, sign: solarize_add(image, jnp.floor(level * 110.0))),
-        Operation("Color", apply=lambda image, level, sign: color(image, enhance(level, sign))),
-        Operation("Contrast", apply=lambda image, level, sign: contrast(image, enhance(level, sign))),
-        Operation("Brightness", apply=lambda image, level, sign: brightness(image, enhance(level, sign))),
-        Operation("Sharpness", apply=lambda image, level, sign: sharpness(image, enhance(level, sign))),
+        Operation("Posterize", apply=lambda image, level, sign, active: posterize(image, posterize_bits(level))),
+        Operation("Solarize", apply=lambda image, level, sign, active: solarize(image, solarize_threshold(level))),
+        Operation("SolarizeAdd",
+                  apply=lambda image, level, sign, active: solarize_add(image, jnp.floor(level * 110.0))),
+        Operation("Color", apply=lambda image, level, sign, active: color(image, enhance(level, sign))),
+        Operation("Contrast", apply=lambda image, level, sign, active: contrast(image, enhance(level, sign))),
+        Operation("Brightness", apply=lambda image, level, sign, active: brightness(image, enhance(level, sign))),
+        Operation("Sharpness", apply=lambda image, level, sign, active: sharpness(image, enhance(level, sign))),
         Operation("ShearX", transform=lambda level, sign, h, w: _transform(a1=level * 0.3 * sign)),
         Operation("ShearY", transform=lambda level, sign, h, w: _transform(a3=level * 0.3 * sign)),
         Operation("TranslateXRel", transform=lambda level, sign, h, w: _transform(a2=level * 0.45 * sign * w)),
@@ -249,8 +256,9 @@ def operations(increasing: bool = True) -> list[Operation]:
 OPERATION_NAMES = tuple(op.name for op in operations())
 
 
-def apply_operation(image, index, level, sign, increasing: bool = True):
-    """Operation number `index` (of OPERATION_NAMES) at `level` in [0, 1] with `sign` +-1.
+def apply_operation(image, index, level, sign, increasing: bool = True, applied=True):
+    """Operation number `index` (of OPERATION_NAMES) at `level` in [0, 1] with `sign` +-1; where
+    not `applied`, the result is to be discarded, and operations may skip work.
 
     Under vmap each example draws its own operation, so all are computed and one is selected; the
     five geometric ones select a transform and share one warp.
@@ -265,7 +273,7 @@ def apply_operation(image, index, level, sign, increasing: bool = True):
             transform = jnp.where(chosen, op.transform(level, sign, height, width), transform)
             geometric = geometric | chosen
         else:
-            photometric = jnp.where(chosen, op.apply(image, level, sign), photometric)
+            photometric = jnp.where(chosen, op.apply(image, level, sign, chosen & applied), photometric)
     return jnp.where(geometric, affine(image, transform), photometric)
 
 
@@ -307,8 +315,8 @@ def randaug(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True) -> Im
         draws = draw_layers(key, num_layers, magnitude, magnitude_std)
         for layer in range(num_layers):
             index, level, sign = draws.index[layer], draws.level[layer], draws.sign[layer]
-            augmented = apply_operation(image, index, level, sign, increasing)
-            image = jnp.where(draws.applied[layer], augmented, image)
+            applied = draws.applied[layer]
+            image = jnp.where(applied, apply_operation(image, index, level, sign, increasing, applied), image)
         return image
 
     return op
