@@ -28,7 +28,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.quiet_logging(flags.FLAGS.verbose)
     try:
-        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.mode == "eval")
+        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.mode == "eval",
+                                 keep_compiled_step=True)
     except console.RunError as error:
         sys.exit(f"error: {error}")
 

@@ -1,9 +1,9 @@
 """Training: one sharded jitted step (`step`, `optim`, `mixup`), evaluators from config,
 checkpoints and the loop.
 
-Entry points: `train_and_evaluate(config, workdir, eval_only=False)` (what `train.py` runs),
-`step.init_training` for benchmarks that time the exact train step, and `load_config_file` for
-tools that read the same config files.
+Entry points: `train_and_evaluate(config, workdir, eval_only=False, keep_compiled_step=False)`
+(what `train.py` runs, keeping its compiled step), `step.init_training` for benchmarks that time
+the exact train step, and `load_config_file` for tools that read the same config files.
 """
 from shunted_jax.train.config_file import load_config_file
 from shunted_jax.train.loop import NonFiniteLossError, train_and_evaluate

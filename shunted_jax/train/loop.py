@@ -100,13 +100,17 @@ def read_checked(pending: list) -> dict:
     return {key: float(np.mean([values[key] for values in host])) for key in host[-1]}
 
 
-def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
+def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_step: bool = False) -> dict:
     """Trains (resuming from the workdir's newest checkpoint that restores), evaluates and
     checkpoints; returns {evaluator name: results} of the last evaluation, or {} when stopped
     early by preemption.
 
     With `eval_only`, runs every evaluator once on the newest checkpoint instead of training; it
     creates and locks nothing, so it may read a workdir that a run is writing, or read-only storage.
+    With `keep_compiled_step` (what `train.py` sets), the compiled train step is kept whole beside
+    the compilation cache and a run with the same key loads it without tracing
+    (`compilation_cache.compiled_step`). Its key sees this package's files, not code defined or
+    patched at run time, as in a notebook: callers that change code so leave it off.
     """
     check_config(config)
     initialize_distributed(config.distributed)
@@ -167,10 +171,11 @@ def train_and_evaluate(config, workdir, eval_only: bool = False) -> dict:
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         cleanup.callback(batches.close)
-        first_batch = next(batches)
-        train_step = compilation_cache.compiled_step(train_step, (train_state, first_batch), name="train_step",
-                                                     config=config)
-        batches = itertools.chain([first_batch], batches)
+        if keep_compiled_step:
+            first_batch = next(batches)
+            train_step = compilation_cache.compiled_step(train_step, (train_state, first_batch),
+                                                         name="train_step", config=config)
+            batches = itertools.chain([first_batch], batches)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         last_time, last_step = time.perf_counter(), start
