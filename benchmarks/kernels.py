@@ -139,8 +139,8 @@ def device_ops_timings(batch: int = 128, size: int = 224, level: float = 0.9) ->
     for op in device_ops.operations():
         if op.apply is not None:
             report(f"operation {op.name}", jax.vmap(lambda image, op=op: op.apply(image, level, 1.0, True)), floats)
-    kept = jnp.arange(batch) % 30 == 0  # as often as RandAugment keeps an operation
-    report("operation Equalize, kept for 1 image in 30", jax.vmap(device_ops.equalize), floats, kept)
+    applied = jnp.arange(batch) % 30 == 0  # as often as RandAugment applies an operation
+    report("operation Equalize, applied to 1 image in 30", jax.vmap(device_ops.equalize), floats, applied)
     rotate = device_ops.rotation(level * 30.0, size, size)
     report("operation affine warp (Rotate, ShearX/Y, TranslateX/YRel)",
            jax.vmap(lambda image: device_ops.affine(image, rotate)), floats)

@@ -61,11 +61,17 @@ def test_a_saved_step_is_loaded_without_tracing_and_computes_the_same(store, pla
     np.testing.assert_array_equal(loaded(x, y), scaled(x, y))
 
 
-def test_the_key_changes_with_config_arguments_and_name(store):
+def test_the_key_changes_with_config_context_arguments_name_settings_and_flags(store, monkeypatch):
     x, y = inputs()
     base = compilation_cache.program_key("step", config(), (x, y))
     assert compilation_cache.program_key("step", config(), (x, y)) == base
     assert compilation_cache.program_key("step", config(scale=2.0), (x, y)) != base
+    assert compilation_cache.program_key("step", config(), (x, y), {"steps_per_epoch": 10}) != base
+    with jax.default_matmul_precision("highest"):
+        assert compilation_cache.program_key("step", config(), (x, y)) != base
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert compilation_cache.program_key("step", config(), (x, y)) != base
+    monkeypatch.delenv("XLA_FLAGS")
     assert compilation_cache.program_key("eval", config(), (x, y)) != base
     assert compilation_cache.program_key("step", config(), inputs(16)) != base
     assert compilation_cache.program_key("step", config(), (x.astype(jnp.bfloat16), y)) != base
@@ -74,12 +80,14 @@ def test_the_key_changes_with_config_arguments_and_name(store):
     assert compilation_cache.program_key("step", config(), (split, y)) != base
 
 
-def test_the_key_changes_with_the_source(tmp_path, monkeypatch):
+def test_the_key_changes_with_the_source_and_not_with_editors_files(tmp_path, monkeypatch):
     package = tmp_path / "package"
     (package / "models").mkdir(parents=True)
     (package / "models" / "layers.py").write_text("SCALE = 1\n")
     monkeypatch.setattr(compilation_cache, "PACKAGE_DIR", package)
     before = compilation_cache.program_key("step", config(), inputs())
+    (package / "models" / ".#layers.py").symlink_to(tmp_path / "an editor's lock, pointing nowhere")
+    assert compilation_cache.program_key("step", config(), inputs()) == before
     (package / "models" / "layers.py").write_text("SCALE = 2\n")
     assert compilation_cache.program_key("step", config(), inputs()) != before
 
@@ -97,17 +105,38 @@ def test_a_file_that_does_not_load_is_reported_and_replaced(store, caplog):
     assert [p.name for p in store.iterdir()] == [f"step-{key}.pkl"]
 
 
-def test_the_store_follows_jaxs_cache_and_is_off_without_it():
+def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_path):
     before = jax.config.jax_compilation_cache_dir
+    jitted = jax.jit(scaled)
     try:
-        jax.config.update("jax_compilation_cache_dir", "/some/cache")
-        assert str(compilation_cache.steps_dir()) == "/some/cache/steps"
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        assert compilation_cache.steps_dir() == tmp_path / "steps"
+        with jax.disable_jit():
+            assert compilation_cache.compiled_step(jitted, inputs(), name="step", config=config()) is jitted
         jax.config.update("jax_compilation_cache_dir", None)
         assert compilation_cache.steps_dir() is None
-        jitted = jax.jit(scaled)
         assert compilation_cache.compiled_step(jitted, inputs(), name="step", config=config()) is jitted
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+    assert not (tmp_path / "steps").exists()
+
+
+def test_a_loaded_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
+    x, y = inputs()
+    compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    [path] = store.iterdir()
+
+    def unrunnable(path):
+        def run(*args):
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function broadcast_add_fusion not found")
+        return run
+
+    monkeypatch.setattr(compilation_cache, "_load", unrunnable)
+    step = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(step(x, y), scaled(x, y))
+    assert "does not run" in caplog.text and not path.exists()
+    np.testing.assert_array_equal(step(x, y), scaled(x, y))
 
 
 def test_a_step_served_by_jaxs_cache_is_not_kept(store):

@@ -120,10 +120,10 @@ def test_the_drawn_operations_and_magnitudes_follow_the_policy():
     assert_frequency(magnitude == 10.0, above)
 
 
-def test_equalize_leaves_the_images_it_is_not_kept_for(images):
-    """RandAugment's Equalize skips its histogram for images that do not keep it."""
-    active = jnp.array([True, False, True, False])
-    out = np.asarray(jax.jit(jax.vmap(device_ops.equalize))(images, active))
+def test_equalize_leaves_the_images_it_is_not_applied_to(images):
+    """RandAugment's Equalize skips its histogram for images that do not apply it."""
+    applied = jnp.array([True, False, True, False])
+    out = np.asarray(jax.jit(jax.vmap(device_ops.equalize))(images, applied))
     full = np.asarray(jax.jit(jax.vmap(device_ops.equalize))(images))
     np.testing.assert_array_equal(out[::2], full[::2])
     np.testing.assert_array_equal(out[1::2], images[1::2])
@@ -133,7 +133,7 @@ def test_equalize_leaves_the_images_it_is_not_kept_for(images):
 def test_randaug_applies_the_drawn_operations_in_order(images, apply_operation):
     """build's randaug is its drawn layers applied in turn, each only where its gate is open; over
     enough steps that every operation has been applied (those that skip work where they are not
-    kept among them)."""
+    applied among them)."""
     augment = jax.jit(device_ops.build("randaug(2,9,0.5)"))
     draw = jax.jit(jax.vmap(lambda key: device_ops.draw_layers(key, 2, 9.0, 0.5)))
     originals = images.round().astype(np.uint8)

@@ -71,10 +71,10 @@ def _luma(image):
 
 
 def _per_channel(reduce, image):
-    """`reduce(image, axis=(0, 1))` with the channels kept, as (1, 1, C), over H x W x C rows of
-    pixel groups: reducing H x W x 3 directly keeps a minor dimension of 3, which XLA:GPU
-    vectorises poorly; (H W / g) rows of g pixels x C values reduce first, then the g groups.
-    Exact for min and max, whose result does not depend on the order."""
+    """`reduce(image, axis=(0, 1), keepdims=True)` for min or max, in two steps: reducing
+    H x W x 3 directly keeps a minor dimension of 3, which XLA:GPU vectorises poorly, so the
+    H W / g rows of g pixels x C values (g = gcd(H W, 32), 1 when H W is odd) reduce first, then
+    the g groups. Exact for min and max, whose result does not depend on the order."""
     height, width, channels = image.shape
     group = math.gcd(height * width, 32)
     rows = reduce(image.reshape(height * width // group, group * channels), axis=0)
@@ -89,27 +89,28 @@ def auto_contrast(image):
     return jnp.where(high > low, stretched, image)
 
 
-def _histogram(values, active=True, copies: int = 32):
+def _histogram(values, applied=True, copies: int = 32):
     """The 256-bin histogram of int values in [0, 255], as `jnp.bincount(values.ravel(), length=256)`;
-    all zeros unless `active`.
+    all zeros unless `applied`.
 
     Neighbouring pixels often share a value, so a scatter-add into one set of 256 bins makes the
     GPU's atomic adds wait on each other. Pixel i adds into copy i % `copies` of the bins, and the
-    copies are summed: the same counts in 0.57x the time of bincount (BENCHMARKS.md). An inactive
-    image's pixels get an index past the bins, which the scatter drops without an atomic add:
-    RandAugment computes Equalize for every image but keeps it for about one in 30.
+    copies are summed: the same counts in 0.57x the time of bincount (BENCHMARKS.md). The pixels
+    of an image that does not apply Equalize get an index past the bins, which the scatter drops
+    without an atomic add: RandAugment computes Equalize for every image but applies it to about
+    one in 30.
     """
     flat = values.ravel()
     copy = jnp.arange(flat.size, dtype=flat.dtype) % copies
-    index = jnp.where(active, flat * copies + copy, 256 * copies)
+    index = jnp.where(applied, flat * copies + copy, 256 * copies)
     bins = jnp.zeros((256 * copies,), jnp.int32).at[index].add(1, mode="drop")
     return bins.reshape(256, copies).sum(axis=1)
 
 
-def _equalize_channel(channel, active=True):
-    """PIL's ImageOps.equalize for one channel (H x W) of values in [0, 255] (unchanged unless `active`)."""
+def _equalize_channel(channel, applied=True):
+    """PIL's ImageOps.equalize for one channel (H x W) of values in [0, 255] (unchanged unless `applied`)."""
     values = jnp.clip(jnp.round(channel), 0, 255).astype(jnp.int32)
-    histogram = _histogram(values, active)
+    histogram = _histogram(values, applied)
     brightest = 255 - jnp.argmax(histogram[::-1] > 0)  # values.max(), without another pass over the image
     step = (histogram.sum() - histogram[brightest]) // 255
     below = jnp.cumsum(histogram) - histogram
@@ -117,9 +118,9 @@ def _equalize_channel(channel, active=True):
     return jnp.where(step > 0, lut[values].astype(channel.dtype), channel)
 
 
-def equalize(image, active=True):
-    """PIL's ImageOps.equalize, channel by channel; the image as it is unless `active`, at less cost."""
-    return jax.vmap(_equalize_channel, in_axes=(-1, None), out_axes=-1)(image, active)
+def equalize(image, applied=True):
+    """PIL's ImageOps.equalize, channel by channel; the image as it is unless `applied`, at less cost."""
+    return jax.vmap(_equalize_channel, in_axes=(-1, None), out_axes=-1)(image, applied)
 
 
 def invert(image):
@@ -209,8 +210,8 @@ def _transform(a0=1.0, a1=0.0, a2=0.0, a3=0.0, a4=1.0, a5=0.0):
 
 
 class Operation(NamedTuple):
-    """One of RandAugment's operations. A photometric one has `apply(image, level, sign, active)`,
-    where `active` says whether the result is kept (an operation may skip work where it is not); a
+    """One of RandAugment's operations. A photometric one has `apply(image, level, sign, applied)`,
+    where `applied` says whether its result is used (an operation may skip work where it is not); a
     geometric one has `transform(level, sign, height, width)`, the affine transform it warps by."""
 
     name: str
@@ -234,18 +235,18 @@ def operations(increasing: bool = True) -> list[Operation]:
         return 256.0 - scaled if increasing else scaled
 
     return [
-        Operation("AutoContrast", apply=lambda image, level, sign, active: auto_contrast(image)),
-        Operation("Equalize", apply=lambda image, level, sign, active: equalize(image, active)),
-        Operation("Invert", apply=lambda image, level, sign, active: invert(image)),
+        Operation("AutoContrast", apply=lambda image, level, sign, applied: auto_contrast(image)),
+        Operation("Equalize", apply=lambda image, level, sign, applied: equalize(image, applied)),
+        Operation("Invert", apply=lambda image, level, sign, applied: invert(image)),
         Operation("Rotate", transform=lambda level, sign, h, w: rotation(level * 30.0 * sign, h, w)),
-        Operation("Posterize", apply=lambda image, level, sign, active: posterize(image, posterize_bits(level))),
-        Operation("Solarize", apply=lambda image, level, sign, active: solarize(image, solarize_threshold(level))),
+        Operation("Posterize", apply=lambda image, level, sign, applied: posterize(image, posterize_bits(level))),
+        Operation("Solarize", apply=lambda image, level, sign, applied: solarize(image, solarize_threshold(level))),
         Operation("SolarizeAdd",
-                  apply=lambda image, level, sign, active: solarize_add(image, jnp.floor(level * 110.0))),
-        Operation("Color", apply=lambda image, level, sign, active: color(image, enhance(level, sign))),
-        Operation("Contrast", apply=lambda image, level, sign, active: contrast(image, enhance(level, sign))),
-        Operation("Brightness", apply=lambda image, level, sign, active: brightness(image, enhance(level, sign))),
-        Operation("Sharpness", apply=lambda image, level, sign, active: sharpness(image, enhance(level, sign))),
+                  apply=lambda image, level, sign, applied: solarize_add(image, jnp.floor(level * 110.0))),
+        Operation("Color", apply=lambda image, level, sign, applied: color(image, enhance(level, sign))),
+        Operation("Contrast", apply=lambda image, level, sign, applied: contrast(image, enhance(level, sign))),
+        Operation("Brightness", apply=lambda image, level, sign, applied: brightness(image, enhance(level, sign))),
+        Operation("Sharpness", apply=lambda image, level, sign, applied: sharpness(image, enhance(level, sign))),
         Operation("ShearX", transform=lambda level, sign, h, w: _transform(a1=level * 0.3 * sign)),
         Operation("ShearY", transform=lambda level, sign, h, w: _transform(a3=level * 0.3 * sign)),
         Operation("TranslateXRel", transform=lambda level, sign, h, w: _transform(a2=level * 0.45 * sign * w)),

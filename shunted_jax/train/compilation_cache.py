@@ -56,23 +56,29 @@ def _describe_argument(leaf) -> tuple:
 
 
 def _source_digest() -> str:
+    """The package's Python files; editors' lock and backup files (dot names) and anything that is
+    not a regular file are skipped."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+        relative = path.relative_to(PACKAGE_DIR)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def program_key(name: str, config, args) -> str:
-    """A hash of everything that decides the program a step lowers to: its name and config, the
-    types and shardings of its arguments, the devices, this package's source, every installed
+def program_key(name: str, config, args, context=None) -> str:
+    """A hash of what decides the program a step lowers to: its name and config, `context` (what
+    else the step was built from, e.g. the dataset's size in the learning-rate schedule), the types
+    and shardings of its arguments, the devices, this package's files, every installed
     distribution's version, the Python version, JAX's settings and XLA's environment. A change to
-    any of them gives another key, so a stale program is never loaded."""
+    any of them gives another key; code defined or patched at run time is not among them."""
     leaves, treedef = jax.tree.flatten(args)
     settings = {k: v for k, v in jax.config.values.items() if not any(n in k for n in _NEUTRAL_SETTINGS)}
     client = jax.devices()[0].client
     parts = {
         "name": name,
         "config": config.to_json_best_effort(sort_keys=True),
+        "context": context,
         "arguments": [str(treedef), [_describe_argument(leaf) for leaf in leaves]],
         "devices": [client.platform, client.platform_version,
                     [(d.id, d.process_index, d.device_kind) for d in jax.devices()]],
@@ -99,17 +105,17 @@ def _save(compiled, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
         temporary = pathlib.Path(file.name)
-        try:
-            file.write(blob)
-        except OSError:
-            temporary.unlink()
-            raise
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(blob)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def _counting_cache_hits():
-    """Yields a list that gains an entry for each program JAX's persistent cache serves meanwhile."""
+    """Yields a list that gains an entry for each program JAX's persistent cache serves meanwhile,
+    in any thread (a hit elsewhere only means a step is not kept that could have been)."""
     hits = []
 
     def listener(event, **kwargs):
@@ -123,34 +129,64 @@ def _counting_cache_hits():
         jax.monitoring.unregister_event_listener(listener)
 
 
-def compiled_step(jitted, args, *, name: str, config):
+def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
+    """`loaded`, unless XLA cannot run it on the first call: then the file is deleted and `jitted`
+    takes over (compiling on its call), so a bad file costs one compile rather than every restart."""
+    first_call = [True]
+
+    def step(*args):
+        if not first_call[0]:
+            return loaded(*args)
+        try:
+            result = loaded(*args)
+        except jax.errors.JaxRuntimeError as error:
+            path.unlink(missing_ok=True)
+            logging.warning("the compiled %s loaded from %s does not run (%s); deleted it, compiling the step",
+                            name, path, error)
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)):
+                raise
+            return jitted(*args)
+        first_call[0] = False
+        return result
+
+    return step
+
+
+def compiled_step(jitted, args, *, name: str, config, context=None):
     """`jitted` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s, positional): loaded from
     the store when a run with the same `program_key` saved it, otherwise compiled (through JAX's
-    persistent cache) and saved there, unless JAX's cache served it. Without a cache directory, or with several processes (each
-    would load its own part; JAX's persistent cache serves them), this is `jitted` as it is.
+    persistent cache) and saved there, unless JAX's cache served it (XLA:CPU serializes such an
+    executable without its functions: the copy fails when run). Without a cache directory, with
+    jit disabled, or with several processes (each would load its own part; JAX's persistent cache
+    serves them), this is `jitted` as it is.
 
     The store's files are pickles, trusted like JAX's cache: keep the directory private. A file
-    that cannot be loaded or written is reported and compiled around; nothing stops.
+    that cannot be loaded, run or written is reported and compiled around; nothing stops.
     """
     directory = steps_dir()
-    if directory is None or jax.process_count() > 1:
+    if directory is None or jax.process_count() > 1 or jax.config.jax_disable_jit:
         return jitted
-    path = directory / f"{name}-{program_key(name, config, args)}.pkl"
+    try:
+        path = directory / f"{name}-{program_key(name, config, args, context)}.pkl"
+    except Exception as error:  # e.g. a package file that vanished while it was read
+        logging.warning("could not compute the key of the %s (%s); it is not kept", name, error)
+        return jitted
     if path.exists():
         try:
-            compiled = _load(path)
+            loaded = _load(path)
         except Exception as error:  # a file from an interrupted or incompatible writer
             logging.warning("could not load the compiled %s from %s (%s); compiling it", name, path, error)
         else:
             logging.info("loaded the compiled %s from %s", name, path)
-            return compiled
+            return _falling_back(loaded, jitted, path, name)
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
-    if hits:  # XLA:CPU serializes such an executable without its functions: it would fail when run
+    if hits:
         logging.info("the %s came from JAX's persistent cache, so it is not kept whole", name)
         return compiled
     try:
         _save(compiled, path)
     except Exception as error:
-        logging.warning("could not save the compiled %s to %s (%s); a restart will trace it again", name, path, error)
+        logging.warning("could not save the compiled %s to %s (%s); a restart will trace it again",
+                        name, path, error)
     return compiled

@@ -171,15 +171,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         cleanup.callback(batches.close)
-        if keep_compiled_step:
-            first_batch = next(batches)
-            train_step = compilation_cache.compiled_step(train_step, (train_state, first_batch),
-                                                         name="train_step", config=config)
-            batches = itertools.chain([first_batch], batches)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
-        last_time, last_step = time.perf_counter(), start
         with PreemptionWatcher() as preemption:
+            if keep_compiled_step:
+                first_batch = next(batches)
+                train_step = compilation_cache.compiled_step(
+                    train_step, (train_state, first_batch), name="train_step", config=config,
+                    context={"dataset": info, "steps_per_epoch": steps_per_epoch})
+                batches = itertools.chain([first_batch], batches)
+            last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
                 train_state, step_metrics = train_step(train_state, next(batches))
                 saving = checkpoint.check_save(manager, saving)
