@@ -182,7 +182,7 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
     if hits:
-        logging.info("the %s came from JAX's persistent cache, so it is not kept whole", name)
+        logging.debug("the %s came from JAX's persistent cache, so it is not kept whole", name)
         return compiled
     try:
         _save(compiled, path)
