@@ -103,13 +103,13 @@ def _save(compiled, path: pathlib.Path) -> None:
     device_ids = [device.id for device in compiled.runtime_executable().local_devices()]
     blob = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
-        temporary = pathlib.Path(file.name)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        temporary.write_bytes(blob)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(blob)
         os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        pathlib.Path(temporary).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -132,10 +132,11 @@ def _counting_cache_hits():
 def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
     """`loaded`, unless XLA cannot run it on the first call: then the file is deleted and `jitted`
     takes over (compiling on its call), so a bad file costs one compile rather than every restart."""
-    first_call = [True]
+    first_call = True
 
     def step(*args):
-        if not first_call[0]:
+        nonlocal first_call
+        if not first_call:
             return loaded(*args)
         try:
             result = loaded(*args)
@@ -146,7 +147,7 @@ def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
             if any(leaf.is_deleted() for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)):
                 raise
             return jitted(*args)
-        first_call[0] = False
+        first_call = False
         return result
 
     return step
