@@ -139,9 +139,13 @@ def test_a_loaded_step_that_does_not_run_is_deleted_and_compiled_instead(store, 
     np.testing.assert_array_equal(step(x, y), scaled(x, y))
 
 
-def test_a_step_served_by_jaxs_cache_is_not_kept(store):
+@pytest.mark.parametrize("keeping", [None, ("cpu",)], ids=["the default: not on the CPU", "a platform that keeps"])
+def test_a_step_served_by_jaxs_cache_is_kept_only_where_the_platform_serializes_it_again(store, monkeypatch, keeping):
     """XLA:CPU serializes an executable that JAX's cache loaded without its functions (running
-    it fails with "Function ... not found"), so only freshly compiled steps are kept."""
+    it fails with "Function ... not found"), so on the CPU only freshly compiled steps are kept;
+    platforms listed in PLATFORMS_KEEPING_SERVED_STEPS keep served ones too."""
+    if keeping is not None:
+        monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", keeping)
     x, y = inputs()
 
     def served_step():
@@ -152,5 +156,5 @@ def test_a_step_served_by_jaxs_cache_is_not_kept(store):
     for path in store.iterdir():
         path.unlink()
     served = compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
-    assert list(store.iterdir()) == []
+    assert len(list(store.iterdir())) == (keeping is not None)
     np.testing.assert_array_equal(served(x, y), x * y - 3)

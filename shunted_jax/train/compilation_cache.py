@@ -31,6 +31,10 @@ _NEUTRAL_SETTINGS = ("cache", "log_compiles", "explain", "debug_log")
 # Environment variables that change what XLA compiles.
 _COMPILER_ENV = ("XLA_", "LIBTPU_", "TPU_", "NVIDIA_TF32_OVERRIDE")
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+# Where an executable that JAX's cache loaded serializes whole. XLA:CPU serializes one without its
+# functions (the copy fails when run); an XLA:GPU one runs (BENCHMARKS.md, session 15). TPUs are
+# unchecked, so their served steps are not kept.
+PLATFORMS_KEEPING_SERVED_STEPS = ("gpu",)
 
 
 def enable(directory: str) -> None:
@@ -156,8 +160,8 @@ def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
 def compiled_step(jitted, args, *, name: str, config, context=None):
     """`jitted` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s, positional): loaded from
     the store when a run with the same `program_key` saved it, otherwise compiled (through JAX's
-    persistent cache) and saved there, unless JAX's cache served it (XLA:CPU serializes such an
-    executable without its functions: the copy fails when run). Without a cache directory, with
+    persistent cache) and saved there, unless JAX's cache served it on a platform outside
+    `PLATFORMS_KEEPING_SERVED_STEPS`. Without a cache directory, with
     jit disabled, or with several processes (each would load its own part; JAX's persistent cache
     serves them), this is `jitted` as it is.
 
@@ -182,8 +186,9 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
             return _falling_back(loaded, jitted, path, name)
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
-    if hits:
-        logging.debug("the %s came from JAX's persistent cache, so it is not kept whole", name)
+    if hits and jax.devices()[0].platform not in PLATFORMS_KEEPING_SERVED_STEPS:
+        logging.debug("the %s came from JAX's persistent cache, which this platform cannot serialize again; "
+                      "it is not kept whole", name)
         return compiled
     try:
         _save(compiled, path)
