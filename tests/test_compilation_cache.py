@@ -158,3 +158,12 @@ def test_a_step_served_by_jaxs_cache_is_kept_only_where_the_platform_serializes_
     served = compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
     assert len(list(store.iterdir())) == (keeping is not None)
     np.testing.assert_array_equal(served(x, y), x * y - 3)
+
+
+@pytest.mark.parametrize("platform, version, name", [("cpu", "cpu", "cpu"), ("gpu", "cuda 12080", "cuda"),
+                                                     ("gpu", "rocm 60342", "rocm"), ("tpu", "PJRT C API", "tpu")])
+def test_the_platform_names_a_gpus_runtime(monkeypatch, platform, version, name):
+    """JAX calls CUDA and ROCm devices both "gpu"; only CUDA was checked to keep served steps."""
+    client = type("Client", (), {"platform": platform, "platform_version": version})()
+    monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"client": client})()])
+    assert compilation_cache.platform_name() == name

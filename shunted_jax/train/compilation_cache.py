@@ -32,9 +32,9 @@ _NEUTRAL_SETTINGS = ("cache", "log_compiles", "explain", "debug_log")
 _COMPILER_ENV = ("XLA_", "LIBTPU_", "TPU_", "NVIDIA_TF32_OVERRIDE")
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 # Where an executable that JAX's cache loaded serializes whole. XLA:CPU serializes one without its
-# functions (the copy fails when run); an XLA:GPU one runs (BENCHMARKS.md, session 15). TPUs are
-# unchecked, so their served steps are not kept.
-PLATFORMS_KEEPING_SERVED_STEPS = ("gpu",)
+# functions (the copy fails when run); a CUDA one runs (BENCHMARKS.md, session 15). ROCm and TPUs
+# are unchecked, so their served steps are not kept.
+PLATFORMS_KEEPING_SERVED_STEPS = ("cuda",)
 
 
 def enable(directory: str) -> None:
@@ -50,6 +50,14 @@ def steps_dir():
     """Where whole compiled steps are kept: beside JAX's persistent cache, whenever one is on."""
     directory = jax.config.jax_compilation_cache_dir
     return pathlib.Path(directory) / STEPS_SUBDIR if directory else None
+
+
+def platform_name() -> str:
+    """"cpu", "tpu", or a GPU's runtime ("cuda", "rocm"): JAX names both GPU platforms "gpu"."""
+    client = jax.devices()[0].client
+    if client.platform != "gpu":
+        return client.platform
+    return "rocm" if "rocm" in client.platform_version.lower() else "cuda"
 
 
 def _describe_argument(leaf) -> tuple:
@@ -186,7 +194,7 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
             return _falling_back(loaded, jitted, path, name)
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
-    if hits and jax.devices()[0].platform not in PLATFORMS_KEEPING_SERVED_STEPS:
+    if hits and platform_name() not in PLATFORMS_KEEPING_SERVED_STEPS:
         logging.debug("the %s came from JAX's persistent cache, which this platform cannot serialize again; "
                       "it is not kept whole", name)
         return compiled
