@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from shunted_jax.train import compilation_cache
+from shunted_jax.train import compilation_cache, console
 
 
 def scaled(x, y):
@@ -139,31 +139,64 @@ def test_a_loaded_step_that_does_not_run_is_deleted_and_compiled_instead(store, 
     np.testing.assert_array_equal(step(x, y), scaled(x, y))
 
 
-@pytest.mark.parametrize("keeping", [None, ("cpu",)], ids=["the default: not on the CPU", "a platform that keeps"])
-def test_a_step_served_by_jaxs_cache_is_kept_only_where_the_platform_serializes_it_again(store, monkeypatch, keeping):
-    """XLA:CPU serializes an executable that JAX's cache loaded without its functions (running
-    it fails with "Function ... not found"), so on the CPU only freshly compiled steps are kept;
-    platforms listed in PLATFORMS_KEEPING_SERVED_STEPS keep served ones too."""
-    if keeping is not None:
-        monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", keeping)
-    x, y = inputs()
-
-    def served_step():
-        return jax.jit(lambda x, y: x * y - 3)
-
+def served_and_kept(store, monkeypatch, step, args):
+    """`step` compiled twice, the second time served by JAX's cache with the CPU listed as a
+    platform that keeps served steps: the store then holds the served copy, which XLA:CPU
+    serializes without its functions."""
+    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
+    compilation_cache.compiled_step(step(), args, name="step", config=config())
     for path in store.iterdir():
         path.unlink()
-    served = compilation_cache.compiled_step(served_step(), (x, y), name="step", config=config())
-    assert len(list(store.iterdir())) == (keeping is not None)
+    compilation_cache.compiled_step(step(), args, name="step", config=config())
+    return list(store.iterdir())
+
+
+def test_a_step_served_by_jaxs_cache_is_not_kept_on_the_cpu(store):
+    """XLA:CPU serializes an executable that JAX's cache loaded without its functions (running
+    it fails with "Function ... not found"), so on the CPU only freshly compiled steps are kept."""
+    x, y = inputs()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
+    for path in store.iterdir():
+        path.unlink()
+    served = compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
+    assert list(store.iterdir()) == []
     np.testing.assert_array_equal(served(x, y), x * y - 3)
 
 
-@pytest.mark.parametrize("platform, version, name", [("cpu", "cpu", "cpu"), ("gpu", "cuda 12080", "cuda"),
-                                                     ("gpu", "rocm 60342", "rocm"), ("tpu", "PJRT C API", "tpu")])
-def test_the_platform_names_a_gpus_runtime(monkeypatch, platform, version, name):
-    """JAX calls CUDA and ROCm devices both "gpu"; only CUDA was checked to keep served steps."""
+def test_a_kept_served_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
+    x, y = inputs()
+    kept = served_and_kept(store, monkeypatch, lambda: jax.jit(lambda x, y: x * y - 3), (x, y))
+    assert len(kept) == 1
+    loaded = compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(loaded(x, y), x * y - 3)
+    assert "does not run" in caplog.text and not kept[0].exists()
+
+
+def test_a_kept_step_that_fails_after_taking_donated_arguments_stops_the_run(store, monkeypatch):
+    """The train state is donated: a failed first call has consumed it, so it cannot be retried."""
+    x, y = inputs()
+
+    def donating():
+        return jax.jit(lambda x, y: x * y - 3, donate_argnums=0)
+
+    kept = served_and_kept(store, monkeypatch, donating, (x, y))
+    loaded = compilation_cache.compiled_step(donating(), (x, y), name="step", config=config())
+    with pytest.raises(console.RunError, match="donated arguments"):
+        loaded(jnp.arange(8, dtype=jnp.float32), y)
+    assert not kept[0].exists()
+
+
+def fake_device(platform: str, version: str):
     client = type("Client", (), {"platform": platform, "platform_version": version})()
-    monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"client": client})()])
-    assert compilation_cache.platform_name() == name
+    return type("Device", (), {"client": client})()
+
+
+@pytest.mark.parametrize("platform, version, name", [("gpu", "cuda 12080", "cuda"), ("gpu", "rocm 60342", "rocm"),
+                                                     ("gpu", "<unknown>", "gpu"), ("tpu", "PJRT C API", "tpu")])
+def test_the_platform_names_a_gpus_runtime(platform, version, name):
+    """JAX calls CUDA and ROCm devices both "gpu"; only CUDA was checked to keep served steps."""
+    assert compilation_cache.platform_name(fake_device(platform, version)) == name
+    assert compilation_cache.platform_name(jax.devices()[0]) == jax.default_backend() == "cpu"

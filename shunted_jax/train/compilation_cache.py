@@ -21,6 +21,8 @@ import jax
 from absl import logging
 from jax.experimental import serialize_executable
 
+from shunted_jax.train import console
+
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "shunted_jax", "jax")
 # Programs that compile faster than this are not worth a file each.
 MIN_COMPILE_SECONDS = 1.0
@@ -52,12 +54,13 @@ def steps_dir():
     return pathlib.Path(directory) / STEPS_SUBDIR if directory else None
 
 
-def platform_name() -> str:
-    """"cpu", "tpu", or a GPU's runtime ("cuda", "rocm"): JAX names both GPU platforms "gpu"."""
-    client = jax.devices()[0].client
-    if client.platform != "gpu":
-        return client.platform
-    return "rocm" if "rocm" in client.platform_version.lower() else "cuda"
+def platform_name(device) -> str:
+    """Where `device` runs: "cpu", "tpu", or a GPU's runtime ("cuda", "rocm"), as JAX names both
+    GPU platforms "gpu"; a GPU of another runtime stays "gpu"."""
+    client = device.client
+    version = client.platform_version.lower()
+    runtime = next((name for name in ("cuda", "rocm") if name in version), "gpu")
+    return runtime if client.platform == "gpu" else client.platform
 
 
 def _describe_argument(leaf) -> tuple:
@@ -143,7 +146,9 @@ def _counting_cache_hits():
 
 def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
     """`loaded`, unless XLA cannot run it on the first call: then the file is deleted and `jitted`
-    takes over (compiling on its call), so a bad file costs one compile rather than every restart."""
+    takes over (compiling on its call), so a bad file costs one compile rather than every restart.
+    A failed call that had already taken donated arguments (the train state) cannot be repeated:
+    then the run stops with a `RunError`, and the next run compiles."""
     first_call = True
 
     def step(*args):
@@ -154,10 +159,12 @@ def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
             result = loaded(*args)
         except jax.errors.JaxRuntimeError as error:
             path.unlink(missing_ok=True)
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)):
+                raise console.RunError(f"the compiled {name} loaded from {path} does not run ({error}) and had "
+                                       "already taken its donated arguments; the file is deleted, so running "
+                                       "again compiles the step") from error
             logging.warning("the compiled %s loaded from %s does not run (%s); deleted it, compiling the step",
                             name, path, error)
-            if any(leaf.is_deleted() for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)):
-                raise
             return jitted(*args)
         first_call = False
         return result
@@ -174,7 +181,8 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
     serves them), this is `jitted` as it is.
 
     The store's files are pickles, trusted like JAX's cache: keep the directory private. A file
-    that cannot be loaded, run or written is reported and compiled around; nothing stops.
+    that cannot be loaded, run or written is reported, deleted where it is bad, and compiled around
+    (`_falling_back` says when a run must stop instead).
     """
     directory = steps_dir()
     if directory is None or jax.process_count() > 1 or jax.config.jax_disable_jit:
@@ -194,9 +202,10 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
             return _falling_back(loaded, jitted, path, name)
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
-    if hits and platform_name() not in PLATFORMS_KEEPING_SERVED_STEPS:
-        logging.debug("the %s came from JAX's persistent cache, which this platform cannot serialize again; "
-                      "it is not kept whole", name)
+    device = compiled.runtime_executable().local_devices()[0]
+    if hits and platform_name(device) not in PLATFORMS_KEEPING_SERVED_STEPS:
+        logging.debug("the %s came from JAX's persistent cache, and %s is not known to serialize such a step "
+                      "whole; it is not kept", name, platform_name(device))
         return compiled
     try:
         _save(compiled, path)
