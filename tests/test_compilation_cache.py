@@ -121,72 +121,57 @@ def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_p
     assert not (tmp_path / "steps").exists()
 
 
-def test_a_loaded_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
-    x, y = inputs()
-    compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
-    [path] = store.iterdir()
-
-    def unrunnable(path):
-        def run(*args):
-            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function broadcast_add_fusion not found")
-        return run
-
-    monkeypatch.setattr(compilation_cache, "_load", unrunnable)
-    step = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
-    with caplog.at_level(logging.WARNING):
-        np.testing.assert_array_equal(step(x, y), scaled(x, y))
-    assert "does not run" in caplog.text and not path.exists()
-    np.testing.assert_array_equal(step(x, y), scaled(x, y))
-
-
-def served_and_kept(store, monkeypatch, step, args):
-    """`step` compiled twice, the second time served by JAX's cache with the CPU listed as a
-    platform that keeps served steps: the store then holds the served copy, which XLA:CPU
-    serializes without its functions."""
-    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
+def compiled_twice(store, step, args):
+    """`step()` compiled for `args`, the store emptied, and compiled again: the second time JAX's
+    persistent cache serves it."""
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     compilation_cache.compiled_step(step(), args, name="step", config=config())
     for path in store.iterdir():
         path.unlink()
-    compilation_cache.compiled_step(step(), args, name="step", config=config())
-    return list(store.iterdir())
+    return compilation_cache.compiled_step(step(), args, name="step", config=config())
+
+
+def subtract_three():
+    return jax.jit(lambda x, y: x * y - 3)
 
 
 def test_a_step_served_by_jaxs_cache_is_not_kept_on_the_cpu(store):
     """XLA:CPU serializes an executable that JAX's cache loaded without its functions (running
     it fails with "Function ... not found"), so on the CPU only freshly compiled steps are kept."""
     x, y = inputs()
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
-    for path in store.iterdir():
-        path.unlink()
-    served = compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
+    served = compiled_twice(store, subtract_three, (x, y))
     assert list(store.iterdir()) == []
     np.testing.assert_array_equal(served(x, y), x * y - 3)
 
 
-def test_a_kept_served_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
+def test_a_kept_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
+    """With the CPU listed as keeping served steps, the store keeps XLA:CPU's broken copy: loaded,
+    it fails on its first call, and the step is compiled instead, once."""
+    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
     x, y = inputs()
-    kept = served_and_kept(store, monkeypatch, lambda: jax.jit(lambda x, y: x * y - 3), (x, y))
-    assert len(kept) == 1
-    loaded = compilation_cache.compiled_step(jax.jit(lambda x, y: x * y - 3), (x, y), name="step", config=config())
+    compiled_twice(store, subtract_three, (x, y))
+    [path] = store.iterdir()
+    loaded = compilation_cache.compiled_step(subtract_three(), (x, y), name="step", config=config())
     with caplog.at_level(logging.WARNING):
         np.testing.assert_array_equal(loaded(x, y), x * y - 3)
-    assert "does not run" in caplog.text and not kept[0].exists()
+    assert "does not run" in caplog.text and not path.exists()
+    np.testing.assert_array_equal(loaded(x, y), x * y - 3)
 
 
 def test_a_kept_step_that_fails_after_taking_donated_arguments_stops_the_run(store, monkeypatch):
     """The train state is donated: a failed first call has consumed it, so it cannot be retried."""
+    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
     x, y = inputs()
 
     def donating():
         return jax.jit(lambda x, y: x * y - 3, donate_argnums=0)
 
-    kept = served_and_kept(store, monkeypatch, donating, (x, y))
+    compiled_twice(store, donating, (jnp.arange(8, dtype=jnp.float32), y))
+    [path] = store.iterdir()
     loaded = compilation_cache.compiled_step(donating(), (x, y), name="step", config=config())
     with pytest.raises(console.RunError, match="donated arguments"):
         loaded(jnp.arange(8, dtype=jnp.float32), y)
-    assert not kept[0].exists()
+    assert not path.exists()
 
 
 def fake_device(platform: str, version: str):

@@ -202,10 +202,10 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
             return _falling_back(loaded, jitted, path, name)
     with _counting_cache_hits() as hits:
         compiled = jitted.lower(*args).compile()
-    device = compiled.runtime_executable().local_devices()[0]
-    if hits and platform_name(device) not in PLATFORMS_KEEPING_SERVED_STEPS:
+    platform = platform_name(compiled.runtime_executable().local_devices()[0])
+    if hits and platform not in PLATFORMS_KEEPING_SERVED_STEPS:
         logging.debug("the %s came from JAX's persistent cache, and %s is not known to serialize such a step "
-                      "whole; it is not kept", name, platform_name(device))
+                      "whole; it is not kept", name, platform)
         return compiled
     try:
         _save(compiled, path)
