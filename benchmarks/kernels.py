@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from shunted_jax.data import device_ops
-from shunted_jax.kernels.common import target_for
+from shunted_jax.kernels.common import local_device, target_for
 from shunted_jax.kernels.dispatch import pad_keys
 from shunted_jax.kernels.short_attention import short_attention
 from shunted_jax.models.ffn import FeedForward
@@ -73,7 +73,7 @@ ATTENTION = {
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
     "cudnn pad64": cudnn_padded,
-    "pallas": lambda q, k, v: short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, jax.default_backend())),
+    "pallas": lambda q, k, v: short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, local_device())),
 }
 
 

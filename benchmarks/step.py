@@ -13,8 +13,8 @@ Inference is the jitted forward in eval mode. Reports compile time, peak device 
 model FLOP utilisation from the project's own MAC count (a backward counted as two forwards).
 The persistent compilation cache (--cache-dir) lets a second run skip most of the compiling.
 Models and XLA options are the model's training config (configs/), with --set and
---compiler-options on top; the header and JSON record the model's `kernels` (as resolved for
-the mesh: `shunted_jax.kernels`), scan_unroll and compiler options.
+--compiler-options on top; the header and JSON record the model's `kernels`
+(`shunted_jax.kernels`), scan_unroll and compiler options.
 """
 import argparse
 import json
@@ -23,7 +23,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from shunted_jax import models
@@ -106,17 +105,21 @@ def print_profile(profile_dir, kind: str) -> None:
     print(profile_summary.format_summary(rows, f"{kind}: GPU kernel time per step ({profile_dir})"), flush=True)
 
 
-def bench_inference(model, batch: int, image_size: int, steps: int, compiler_options: dict, profile_dir=None) -> dict:
-    """The eval-mode forward, compiled with XLA `compiler_options` (`train.step.parse_compiler_options`)."""
-    from shunted_jax.train.step import initial_variables, run_on_host
+def bench_inference(model, mesh, batch: int, image_size: int, steps: int, compiler_options: dict,
+                    profile_dir=None) -> dict:
+    """The eval-mode forward on `mesh` (the batch split over it, the weights replicated), compiled
+    with XLA `compiler_options` (`train.step.parse_compiler_options`)."""
+    from shunted_jax.train import step
 
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)), jnp.float32)
-    variables = jax.device_put(run_on_host(lambda seed: initial_variables(model, image_size, seed), 0))
+    images = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
+    images = jax.device_put(images, step.batch_sharding(mesh))
+    variables = jax.device_put(step.run_on_host(lambda seed: step.initial_variables(model, image_size, seed), 0),
+                               step.replicated(mesh))
 
     def inference(model_variables, batch_images):
         return model.apply(model_variables, batch_images)
 
-    forward = jax.jit(inference, compiler_options=compiler_options)
+    forward = jax.jit(step.on_mesh(inference, mesh), compiler_options=compiler_options)
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start
@@ -144,16 +147,16 @@ def utilisation(images_per_s: float, macs_per_image: int, passes: int):
 
 
 def run(args) -> dict:
-    from shunted_jax.train.step import create_model, make_mesh, parse_compiler_options
+    from shunted_jax.train import step
 
     overrides = models.parse_overrides(args.set)
     config = load_training_config(args.model)
     config.model.update({"dtype": args.dtype, **overrides})
     if args.compiler_options is not None:
         config.compiler_options = args.compiler_options
-    compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails here
+    compiler_options = step.parse_compiler_options(config.compiler_options)  # a malformed one fails here
     config.checkpoint.asynchronous = False
-    model = create_model(config.model, num_classes=1000, mesh=make_mesh(config.mesh))
+    model = step.create_model(config.model, num_classes=1000)
     macs = count_macs(model, (args.image_size, args.image_size))["total"]["all"]
     result = {
         "model": args.model, "overrides": overrides, "dtype": args.dtype, "image_size": args.image_size,
@@ -166,7 +169,8 @@ def run(args) -> dict:
     print(format_header(result), flush=True)
     if args.eval_batch:
         profile = args.profile and f"{args.profile}/inference"
-        inference = bench_inference(model, args.eval_batch, args.image_size, args.steps, compiler_options, profile)
+        inference = bench_inference(model, step.make_mesh(config.mesh), args.eval_batch, args.image_size,
+                                    args.steps, compiler_options, profile)
         inference["peak_memory_gib"] = _peak_memory_gib()
         inference["mfu"] = utilisation(inference["images_per_s"], macs, passes=1)
         result["inference"] = inference

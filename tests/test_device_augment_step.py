@@ -63,7 +63,7 @@ def test_the_augmented_batch_depends_only_on_seed_step_and_row():
 def test_train_step_preprocesses_uint8_on_device_before_mixup(monkeypatch):
     config = tiny_config()
     mesh = step.make_mesh(config.mesh, jax.devices()[:1])
-    model = step.create_model(config.model, NUM_CLASSES, mesh)
+    model = step.create_model(config.model, NUM_CLASSES)
     state, _, train_step = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
                                               num_classes=NUM_CLASSES, steps_per_epoch=10)
     seen = []
@@ -102,7 +102,7 @@ def test_an_empty_device_pp_casts_uint8_and_keeps_float():
 def test_eval_step_normalises_on_device_as_the_host_did():
     config = tiny_config()
     mesh = step.make_mesh(config.mesh, jax.devices())
-    model = step.create_model(config.model, NUM_CLASSES, mesh)
+    model = step.create_model(config.model, NUM_CLASSES)
     state, sharding, _ = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
                                             num_classes=NUM_CLASSES, steps_per_epoch=10)
     images = uint8_images(1)

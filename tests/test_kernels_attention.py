@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers.models import fixture_model_and_variables
 
-from shunted_jax.kernels.common import target_for
+from shunted_jax.kernels.common import Device, local_device, target_for
 from shunted_jax.kernels.dispatch import choose_attention
 from shunted_jax.kernels.short_attention import MAX_KEYS, short_attention, tiling
 
@@ -22,7 +22,7 @@ def output_and_grads(attention, q, k, v, cotangent):
 
 
 def pallas_attention(q, k, v):
-    return short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, jax.default_backend()))
+    return short_attention(q, k, v, q.shape[-1] ** -0.5, target_for(q.dtype, local_device()))
 
 
 @pytest.mark.parametrize("batch, queries, keys, heads, head_dim", [
@@ -69,7 +69,7 @@ def test_more_keys_than_the_kernels_hold_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match="at most 256 keys"):
         pallas_attention(q, k, k)
     with pytest.raises(ValueError, match="at most 256 keys.*use attention=auto"):
-        choose_attention("attention=pallas", 4, MAX_KEYS + 1, 16, jnp.bfloat16, "gpu")
+        choose_attention("attention=pallas", 1, 4, MAX_KEYS + 1, 16, jnp.bfloat16, Device("gpu", "H100", (9, 0)))
 
 
 def test_every_attention_of_the_model_takes_the_pallas_path():

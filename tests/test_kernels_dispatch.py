@@ -1,6 +1,6 @@
 """The one choice of implementation per operation (shunted_jax.kernels.dispatch) and the
-`kernels` field that carries it: its rules, its mesh, forcing one operation, bad values, and
-checkpoints written before the field."""
+`kernels` field that carries it: its rules, the devices and meshes it runs on, forcing one
+operation, bad values, and checkpoints written before the field."""
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -9,49 +9,111 @@ import numpy as np
 import pytest
 
 from shunted_jax import models
-from shunted_jax.kernels import Choice, parse, resolve_for_mesh
+from shunted_jax.kernels import Choice, common, parse
+from shunted_jax.kernels.common import Device
 from shunted_jax.kernels.dispatch import choose_attention, choose_depthwise, choose_norm, pad_keys
+from shunted_jax.models.layers import LayerNorm
 from shunted_jax.train import checkpoint, step
 
 BF16 = jnp.bfloat16
+H100 = Device("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+T4 = Device("gpu", "Tesla T4", (7, 5))
+CPU = Device("cpu", "cpu")
 
 
 def test_auto_attention_picks_the_kernel_measured_fastest():
-    assert choose_attention("auto", 3136, 49, 32, BF16, "gpu") == "pallas"
-    assert choose_attention("auto", 49, 49, 32, BF16, "gpu") == "pallas"  # odd queries: cuDNN refuses
-    assert choose_attention("auto", 3136, 196, 32, BF16, "gpu") == "cudnn"  # 196 keys: cuDNN trains faster
-    assert choose_attention("auto", 196, 196, 32, BF16, "gpu") == "cudnn"
-    assert choose_attention("auto,devices=2", 196, 49, 32, BF16, "gpu") == "exact"  # Pallas: one device
-    assert choose_attention("auto", 3136, 49, 24, BF16, "gpu") == "cudnn"  # no power-of-two head dim
-    assert choose_attention("auto", 3136, 49, 32, jnp.float32, "gpu") == "exact"
-    assert choose_attention("auto", 3136, 49, 32, BF16, "cpu") == "exact"
-    assert choose_attention("attention=xla", 49, 49, 32, BF16, "cpu") == "xla"
+    assert choose_attention("auto", 8, 3136, 49, 32, BF16, H100) == "pallas"
+    assert choose_attention("auto", 8, 49, 49, 32, BF16, H100) == "pallas"  # odd queries: cuDNN refuses
+    assert choose_attention("auto", 8, 3136, 196, 32, BF16, H100) == "cudnn"  # 196 keys: cuDNN trains faster
+    assert choose_attention("auto", 8, 196, 196, 32, BF16, H100) == "cudnn"
+    assert choose_attention("auto", 8, 3136, 49, 24, BF16, H100) == "cudnn"  # no power-of-two head dim
+    assert choose_attention("auto", 8, 3136, 49, 32, jnp.float32, H100) == "exact"
+    assert choose_attention("auto", 8, 3136, 49, 32, BF16, CPU) == "exact"
+    assert choose_attention("attention=xla", 8, 49, 49, 32, BF16, CPU) == "xla"
     with pytest.raises(ValueError, match="auto"):
-        choose_attention("attention=flash", 49, 49, 32, BF16, "gpu")
+        choose_attention("attention=flash", 8, 49, 49, 32, BF16, H100)
 
 
 def test_auto_depthwise_uses_pallas_only_for_16_bit_maps_on_a_gpu():
-    assert choose_depthwise("auto", 512, BF16, "gpu") == "pallas"
-    assert choose_depthwise("auto", 32, jnp.float16, "gpu") == "pallas"
-    assert choose_depthwise("auto", 512, jnp.float32, "gpu") == "xla"  # float32 stays exact
-    assert choose_depthwise("auto", 512, BF16, "cpu") == "xla"
-    assert choose_depthwise("auto", 48, BF16, "gpu") == "xla"  # no 32-channel blocks
-    assert choose_depthwise("auto,devices=8", 512, BF16, "gpu") == "xla"  # a Pallas call cannot be sharded
-    assert choose_depthwise("depthwise=pallas", 512, jnp.float32, "cpu") == "pallas"
+    assert choose_depthwise("auto", 8, 512, BF16, H100) == "pallas"
+    assert choose_depthwise("auto", 8, 32, jnp.float16, H100) == "pallas"
+    assert choose_depthwise("auto", 8, 512, jnp.float32, H100) == "xla"  # float32 stays exact
+    assert choose_depthwise("auto", 8, 512, BF16, CPU) == "xla"
+    assert choose_depthwise("auto", 8, 48, BF16, H100) == "xla"  # no 32-channel blocks
+    assert choose_depthwise("depthwise=pallas", 8, 512, jnp.float32, CPU) == "pallas"
     with pytest.raises(ValueError, match="multiple of 32 channels.*depthwise=xla or depthwise=auto"):
-        choose_depthwise("depthwise=pallas", 48, BF16, "gpu")
+        choose_depthwise("depthwise=pallas", 8, 48, BF16, H100)
     with pytest.raises(ValueError, match="choose one of"):
-        choose_depthwise("depthwise=cudnn", 512, BF16, "gpu")
+        choose_depthwise("depthwise=cudnn", 8, 512, BF16, H100)
 
 
-def test_auto_norm_uses_pallas_only_for_16_bit_outputs_on_one_gpu():
-    assert choose_norm("auto", BF16, "gpu") == "pallas"
-    assert choose_norm("auto", jnp.float32, "gpu") == "xla"
-    assert choose_norm("auto", BF16, "cpu") == "xla"
-    assert choose_norm("auto,devices=8", BF16, "gpu") == "xla"
-    assert choose_norm("norm=pallas", jnp.float32, "cpu") == "pallas"
+def test_auto_norm_uses_pallas_only_for_16_bit_outputs_on_a_gpu():
+    assert choose_norm("auto", 8, BF16, H100) == "pallas"
+    assert choose_norm("auto", 8, jnp.float32, H100) == "xla"
+    assert choose_norm("auto", 8, BF16, CPU) == "xla"
+    assert choose_norm("norm=pallas", 8, jnp.float32, CPU) == "pallas"
     with pytest.raises(ValueError, match="choose one of"):
-        choose_norm("norm=fused", BF16, "gpu")
+        choose_norm("norm=fused", 8, BF16, H100)
+
+
+def test_auto_takes_the_kernels_on_a_mesh_whose_devices_divide_the_batch():
+    """On a mesh each device runs the kernels on its share of the batch: "auto" chooses as on one
+    GPU, and falls back where the batch does not split evenly."""
+    for shards in (1, 8):
+        assert choose_attention("auto", 16, 784, 49, 32, BF16, H100, shards) == "pallas"
+        assert choose_depthwise("auto", 16, 512, BF16, H100, shards) == "pallas"
+        assert choose_norm("auto", 16, BF16, H100, shards) == "pallas"
+    assert choose_attention("auto", 12, 784, 49, 32, BF16, H100, 8) == "cudnn"
+    assert choose_depthwise("auto", 12, 512, BF16, H100, 8) == "xla"
+    assert choose_norm("auto", 12, BF16, H100, 8) == "xla"
+    for forced in (lambda: choose_norm("norm=pallas", 12, BF16, H100, 8),
+                   lambda: choose_depthwise("depthwise=pallas", 12, 512, BF16, CPU, 8),
+                   lambda: choose_attention("attention=pallas", 12, 784, 49, 32, BF16, H100, 8)):
+        with pytest.raises(ValueError, match="a batch of 12 does not split over the 8 devices"):
+            forced()
+
+
+def test_a_gpu_older_than_ampere_gets_xla_and_a_forced_kernel_names_the_card():
+    assert choose_attention("auto", 8, 3136, 49, 32, BF16, T4) == "cudnn"
+    assert choose_depthwise("auto", 8, 512, BF16, T4) == "xla"
+    assert choose_norm("auto", 8, BF16, T4) == "xla"
+    assert choose_norm("auto", 8, BF16, Device("gpu", "AMD Instinct MI300X")) == "xla"  # not CUDA
+    message = r"norm=pallas needs a CUDA GPU of compute capability 8.0 or newer.*Tesla T4 \(compute capability 7.5\)"
+    with pytest.raises(ValueError, match=message):
+        choose_norm("norm=pallas", 8, BF16, T4)
+    with pytest.raises(ValueError, match="depthwise=pallas needs a CUDA GPU.*Tesla T4"):
+        choose_depthwise("depthwise=pallas", 8, 512, BF16, T4)
+    with pytest.raises(ValueError, match="attention=pallas needs a CUDA GPU.*Tesla T4"):
+        choose_attention("attention=pallas", 8, 3136, 49, 32, BF16, T4)
+
+
+class FakeGpu:
+    """What jax.devices() gives on a CUDA machine, as far as `local_device` reads it."""
+    platform = "gpu"
+
+    def __init__(self, kind, capability):
+        self.device_kind, self.compute_capability = kind, capability
+        self.client = type("Client", (), {"platform_version": "PJRT C API\ncuda 12080"})()
+
+
+@pytest.mark.parametrize("kind, capability, compiles", [("Tesla T4", "7.5", False), ("Tesla V100-SXM2-16GB", "7.0", False),
+                                                        ("NVIDIA A100-SXM4-40GB", "8.0", True),
+                                                        ("NVIDIA H100 80GB HBM3", "9.0", True)])
+def test_the_device_description_decides_whether_the_kernels_compile(monkeypatch, kind, capability, compiles):
+    monkeypatch.setattr(jax, "devices", lambda *_: [FakeGpu(kind, capability)])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    device = common.local_device()
+    assert device == Device("gpu", kind, tuple(int(part) for part in capability.split(".")))
+    assert device.compiles_pallas == compiles
+    assert choose_norm("auto", 8, BF16, device) == ("pallas" if compiles else "xla")
+    # a model's LayerNorm on this card: "auto" traces XLA's formulas, a forced kernel stops first
+    norm = LayerNorm(1e-6, dtype=BF16, kernels="auto")
+    x = jnp.zeros((2, 4, 64), BF16)
+    variables = {"params": {"scale": jnp.ones(64), "bias": jnp.zeros(64)}}
+    if not compiles:
+        assert count_calls(jax.make_jaxpr(lambda v: norm.apply(v, x))(variables).jaxpr, "pallas_call") == 0
+        with pytest.raises(ValueError, match=f"norm=pallas needs a CUDA GPU.*{kind}"):
+            norm.clone(kernels="norm=pallas").apply(variables, x)
 
 
 def test_keys_padded_for_cudnn_are_masked_out():
@@ -61,34 +123,6 @@ def test_keys_padded_for_cudnn_are_masked_out():
     assert padded_k.shape[1] == 64 and list(lengths) == [7, 7]
     masked = jax.nn.dot_product_attention(q, padded_k, padded_v, key_value_seq_lengths=lengths)
     np.testing.assert_allclose(masked, jax.nn.dot_product_attention(q, k, v), atol=1e-6)
-
-
-def meshes():
-    devices = jax.devices()
-    assert len(devices) == 8  # tests/conftest.py's simulated host
-    return (jax.sharding.Mesh(np.array(devices[:1]), ("data",)),
-            jax.sharding.Mesh(np.array(devices).reshape(4, 2), ("data", "fsdp")))
-
-
-def test_auto_is_resolved_for_the_mesh_not_the_host():
-    """On a host of 8 devices, a model for a one-device mesh gets the Pallas kernels that one GPU
-    would, and a model for the 8-device mesh gets XLA (and cuDNN where it fits)."""
-    one, eight = meshes()
-    on_one, on_eight = resolve_for_mesh("auto", one), resolve_for_mesh("auto", eight)
-    assert on_one == resolve_for_mesh("auto", None) == "auto"
-    assert parse(on_eight) == Choice(devices=8)
-    for kernels, want in ((on_one, "pallas"), (on_eight, "xla")):
-        assert choose_depthwise(kernels, 512, BF16, "gpu") == want
-        assert choose_norm(kernels, BF16, "gpu") == want
-    assert choose_attention(on_one, 784, 49, 32, BF16, "gpu") == "pallas"
-    assert choose_attention(on_eight, 784, 49, 32, BF16, "gpu") == "cudnn"
-    assert choose_attention(on_eight, 196, 49, 32, BF16, "gpu") == "exact"
-    # forced implementations stay forced
-    assert parse(resolve_for_mesh("attention=pallas,depthwise=xla", eight)) == Choice("pallas", "xla", "auto", 8)
-    # the training code's model carries its mesh
-    config = ml_collections.ConfigDict({"name": "shunted_t", "kernels": "auto", "dtype": "bfloat16"})
-    assert step.create_model(config, 10, eight).kernels == on_eight
-    assert step.create_model(config, 10, one).kernels == on_one
 
 
 def pallas_calls(kernels: str) -> int:
@@ -120,7 +154,7 @@ def test_each_operation_can_be_forced_alone():
     assert parse("attention=pallas") == Choice("pallas", "auto", "auto")
     assert parse("exact") == Choice("exact", "xla", "xla")
     assert parse("exact,norm=pallas") == Choice("exact", "xla", "pallas")
-    assert parse(" attention=xla, depthwise=pallas ,norm=xla,devices=2") == Choice("xla", "pallas", "xla", 2)
+    assert parse(" attention=xla, depthwise=pallas ,norm=xla") == Choice("xla", "pallas", "xla")
     # On the CPU "auto" is XLA everywhere: each forced operation, and only it, turns into Pallas calls.
     groups, blocks, stages = 2 + 2 + 2 + 1, 4, 4
     want = {"attention": groups,  # one softmax per head group
@@ -138,7 +172,7 @@ def test_each_operation_can_be_forced_alone():
     ("depthwise=cudnn", r"Unknown depthwise implementation 'cudnn'.*choose one of auto, xla, pallas"),
     ("conv=xla", r"Invalid kernels='conv=xla'.*attention: auto\|exact\|xla\|cudnn\|pallas"),
     ("norm=pallas,exact", r"Invalid kernels="),
-    ("auto,devices=0", r"Invalid kernels="),
+    ("auto,devices=8", r"Invalid kernels="),
     ("", r"Invalid kernels=''"),
 ])
 def test_an_invalid_kernels_value_says_what_to_write(kernels, message):
@@ -151,7 +185,7 @@ def test_an_invalid_kernels_value_says_what_to_write(kernels, message):
 def test_checkpoints_written_with_the_old_execution_fields_still_restore(tmp_path):
     """Runs before the `kernels` field wrote `attention_impl` and `depthwise_impl` into the
     checkpoint's meta: they resume, and another architecture is still refused."""
-    mesh = meshes()[0]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     train_state = step.TrainState(step=jnp.asarray(3, jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={},
                                   opt_state={})
     manager = checkpoint.make_checkpoint_manager(tmp_path, ml_collections.ConfigDict({"keep": 1,

@@ -70,13 +70,12 @@ def test_bench_records_what_it_ran_and_passes_compiler_options_to_xla(tmp_path, 
     from benchmarks import step as bench
 
     dump = tmp_path / "dump"
-    result = bench.main(["--model", "shunted_t", "--batch", "0", "--eval-batch", "2", "--image-size", "32",
+    result = bench.main(["--model", "shunted_t", "--batch", "0", "--eval-batch", "8", "--image-size", "32",
                          "--steps", "1", "--cache-dir", "", "--json", str(tmp_path / "bench.jsonl"),
                          "--set", "depths=(1,1,1,1)", "--compiler-options", f"xla_dump_to={dump}"])
     assert json.loads((tmp_path / "bench.jsonl").read_text()) == json.loads(json.dumps(result))
     assert result["inference"]["images_per_s"] > 0 and "train" not in result
-    # the config's "auto", resolved for the mesh of every (simulated) device
-    assert (result["kernels"], result["scan_unroll"]) == (f"auto,devices={jax.device_count()}", 64)
+    assert (result["kernels"], result["scan_unroll"]) == ("auto", 64)
     assert result["compiler_options"] == f"xla_dump_to={dump}"
     assert any("jit_inference" in path.name for path in dump.iterdir())
-    assert f"kernels=auto,devices={jax.device_count()} scan_unroll=64" in capsys.readouterr().out
+    assert "kernels=auto scan_unroll=64" in capsys.readouterr().out

@@ -73,7 +73,7 @@ def build_train_step(config, meta, variables):
     `make_train_step`) on one CPU device, with the fixture's learning rate at each step.
     Returns (initial state, jitted step)."""
     mesh = step.make_mesh(config.mesh, jax.devices()[:1])
-    model = step.create_model(config.model, meta["num_classes"], mesh)
+    model = step.create_model(config.model, meta["num_classes"])
     lrs = jnp.asarray(meta["lrs"], jnp.float64)
 
     def schedule(count):

@@ -35,7 +35,7 @@ def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
     """(mesh, model, (state, state_sharding, train_step)) as the training loop builds them."""
     config.mesh.update({"data": mesh[0], "fsdp": mesh[1]})
     device_mesh = step.make_mesh(config.mesh, devices)
-    model = step.create_model(config.model, num_classes, device_mesh)
+    model = step.create_model(config.model, num_classes)
     return device_mesh, model, step.init_training(config, model, device_mesh, image_size=IMAGE_SIZE,
                                                   num_classes=num_classes, steps_per_epoch=10)
 

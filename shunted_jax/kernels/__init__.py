@@ -1,7 +1,7 @@
 """How the models' operations run: Pallas kernels, cuDNN or XLA, chosen in one place (`dispatch`).
 
-Models call `attention`, `depthwise_conv3x3` and `layer_norm` with their `kernels` field; the
-training code resolves that field for its mesh with `resolve_for_mesh` before creating the model.
+Models call `attention`, `depthwise_conv3x3` and `layer_norm` with their `kernels` field. Traced
+under a mesh in context, each Pallas kernel runs on each device's share of the batch.
 """
 from shunted_jax.kernels.dispatch import (
     IMPLEMENTATIONS,
@@ -12,8 +12,7 @@ from shunted_jax.kernels.dispatch import (
     exact_attention,
     layer_norm,
     parse,
-    resolve_for_mesh,
 )
 
 __all__ = ["IMPLEMENTATIONS", "Choice", "PendingBias", "attention", "depthwise_conv3x3", "exact_attention",
-           "layer_norm", "parse", "resolve_for_mesh"]
+           "layer_norm", "parse"]

@@ -4,7 +4,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plt
 
@@ -12,6 +11,41 @@ from jax.experimental.pallas import triton as plt
 def accumulator(dtype):
     """float32 sums for 16-bit inputs (as cuDNN); float64 inputs keep float64."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+MIN_CUDA_CAPABILITY = (8, 0)
+"""The kernels' Triton code needs an Ampere or newer GPU (bfloat16 tensor-core dots)."""
+
+
+class Device(NamedTuple):
+    """What the kernels would run on: the default backend's platform ("gpu", "cpu", "tpu"), its
+    first device's name, and that device's CUDA compute capability (None elsewhere)."""
+    platform: str
+    kind: str = ""
+    cuda_capability: tuple[int, int] | None = None
+
+    @property
+    def compiles_pallas(self) -> bool:
+        """Whether the kernels compile here; elsewhere than on a GPU Pallas' interpreter runs them."""
+        return self.cuda_capability is not None and self.cuda_capability >= MIN_CUDA_CAPABILITY
+
+    def describe(self) -> str:
+        capability = "no CUDA" if self.cuda_capability is None else "compute capability %d.%d" % self.cuda_capability
+        return f"{self.kind or self.platform} ({capability})"
+
+
+def _cuda_capability(device) -> tuple[int, int] | None:
+    if "cuda" not in device.client.platform_version.lower():
+        return None
+    major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
+
+
+def local_device() -> Device:
+    """The Device of this process' default backend."""
+    device = jax.devices()[0]
+    platform = jax.default_backend()
+    return Device(platform, device.device_kind, _cuda_capability(device) if platform == "gpu" else None)
 
 
 class Target(NamedTuple):
@@ -31,10 +65,9 @@ def traced_once(*static_argnames: str):
     return functools.partial(jax.jit, static_argnames=static_argnames)
 
 
-def target_for(dtype, backend: str) -> Target:
-    on_gpu = backend == "gpu"
-    cuda = on_gpu and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
-    return Target(interpret=not on_gpu, fast_math=cuda and accumulator(dtype) == jnp.float32)
+def target_for(dtype, device: Device) -> Target:
+    return Target(interpret=device.platform != "gpu",
+                  fast_math=device.cuda_capability is not None and accumulator(dtype) == jnp.float32)
 
 
 # Chebyshev fit of erfc(a) = t exp(-a^2 + P(t)), t = 1 / (1 + a / 2), a >= 0, with a relative

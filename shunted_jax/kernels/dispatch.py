@@ -1,27 +1,33 @@
 """The one place that chooses how an operation runs: a Pallas kernel, cuDNN or XLA.
 
 A model holds one string field, `kernels`, and passes it to `attention`, `depthwise_conv3x3` and
-`layer_norm`, which choose per call from it, the shapes, the dtype, the backend and the devices
-of the mesh. The string (`parse`):
+`layer_norm`, which choose per call from it, the shapes, the dtype and the device (`Device`). The
+string (`parse`):
 
-  "auto"   per call: the Pallas kernels on one GPU for 16-bit inputs of shapes they take; cuDNN's
-           fused attention on a GPU for 16-bit attentions large enough to gain from it; XLA's
-           exact formulas everywhere else (CPU, TPU, float32 and float64 stay exact).
+  "auto"   per call: the Pallas kernels on a CUDA GPU of compute capability 8.0 or newer for
+           16-bit inputs of shapes they take; cuDNN's fused attention on a GPU for 16-bit
+           attentions large enough to gain from it; XLA's exact formulas everywhere else (CPU,
+           TPU, older GPUs; float32 and float64 stay exact).
   "exact"  XLA's exact formulas for every operation (attention=exact,depthwise=xla,norm=xla).
   "attention=pallas,norm=xla"   one implementation per named operation, "auto" for the others
            (after a leading "auto" or "exact", that one's): IMPLEMENTATIONS lists them.
-  "...,devices=8"   written by `resolve_for_mesh`: the devices of the mesh the model runs on.
-           "auto" takes no Pallas kernel over several: a Pallas call has no sharding rule, so XLA
-           would gather a batch-sharded input onto every device. Without it: one device.
+
+A Pallas call has no sharding rule: given a batch sharded over a mesh, XLA would gather it onto
+every device. Under a mesh in context (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` inside
+a traced function, as the training code's steps do), each Pallas kernel therefore runs in a
+`shard_map` on each device's share of the batch, split along the leading axis over every axis of
+the mesh, its weights replicated; without one, on the whole batch, as on one device.
 """
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
 
 from shunted_jax.kernels import depthwise, norm, short_attention
-from shunted_jax.kernels.common import accumulator, target_for
+from shunted_jax.kernels.common import Device, accumulator, local_device, target_for
 
 IMPLEMENTATIONS = {
     "attention": ("auto", "exact", "xla", "cudnn", "pallas"),
@@ -47,7 +53,6 @@ class Choice(NamedTuple):
     attention: str = "auto"
     depthwise: str = "auto"
     norm: str = "auto"
-    devices: int = 1
 
 
 def _usage(kernels: str) -> str:
@@ -66,82 +71,110 @@ def parse(kernels: str) -> Choice:
 @functools.lru_cache(maxsize=None)
 def _parse(kernels: str) -> Choice:
     choice = {}
-    devices = 1
     for position, item in enumerate(part.strip() for part in kernels.split(",")):
         if item in ("auto", "exact") and position == 0:
             choice = dict.fromkeys(IMPLEMENTATIONS, "auto") if item == "auto" else dict(EXACT)
             continue
         key, _, value = item.partition("=")
-        if key == "devices" and value.isdigit() and int(value) >= 1:
-            devices = int(value)
-        elif key in IMPLEMENTATIONS and value in IMPLEMENTATIONS[key]:
+        if key in IMPLEMENTATIONS and value in IMPLEMENTATIONS[key]:
             choice[key] = value
         elif key in IMPLEMENTATIONS and value:
             raise ValueError(f"Unknown {key} implementation {value!r} in kernels={kernels!r}; choose one of "
                              f"{', '.join(IMPLEMENTATIONS[key])}.")
         else:
             raise ValueError(_usage(kernels))
-    return Choice(**choice, devices=devices)
+    return Choice(**choice)
 
 
-def _format(choice: Choice) -> str:
-    implementations = choice._asdict()
-    devices = implementations.pop("devices")
-    if set(implementations.values()) == {"auto"}:
-        text = "auto"
-    elif implementations == EXACT:
-        text = "exact"
-    else:
-        text = ",".join(f"{op}={impl}" for op, impl in implementations.items())
-    return text if devices == 1 else f"{text},devices={devices}"
+def _batch_axes() -> tuple[str, ...]:
+    """The axes of the mesh in context that the kernels split the batch over: all but those
+    already manual (inside a user's shard_map, the kernels see that map's share)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind != AxisType.Manual)
 
 
-def resolve_for_mesh(kernels: str, mesh: jax.sharding.Mesh | None) -> str:
-    """`kernels` for a model whose steps run on `mesh` (None: on one device). Call it before
-    creating the model: "auto" then takes the Pallas kernels on a one-device mesh, however many
-    devices the host has, and none on a mesh of several."""
-    devices = 1 if mesh is None else mesh.devices.size
-    return _format(parse(kernels)._replace(devices=devices))
+def _shards() -> int:
+    """How many devices share the batch under the mesh in context (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[axis] for axis in _batch_axes())
 
 
-def _pallas_fits(dtype, backend: str, devices: int) -> bool:
-    """The rule of every "auto" choice of a Pallas kernel: 16-bit inputs on one GPU."""
-    return backend == "gpu" and devices == 1 and jnp.dtype(dtype).itemsize == 2
+def per_device(fn, *arrays, batched: int = 1):
+    """fn(*arrays) with the first `batched` arrays split along their leading (batch) axis over the
+    mesh in context and the others replicated, each device running fn on its share: a Pallas
+    kernel is a per-image computation, so nothing is exchanged inside it, and the gradients of
+    the replicated arrays are summed over the devices when differentiated."""
+    axes = _batch_axes()
+    if not axes:
+        return fn(*arrays)
+    split = PartitionSpec(axes)
+    specs = (split,) * batched + (PartitionSpec(),) * (len(arrays) - batched)
+    # A pallas_call states no varying-manual-axes type, so the map is not type-checked for it.
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=specs, out_specs=split,
+                         check_vma=False)(*arrays)
 
 
-def choose_attention(kernels: str, queries: int, keys: int, head_dim: int, dtype, backend: str) -> str:
-    """The attention implementation for one (queries x keys, head_dim) attention."""
+def _pallas_fits(dtype, batch: int, device: Device, shards: int) -> bool:
+    """The rule of every "auto" choice of a Pallas kernel: 16-bit inputs on a GPU that compiles
+    the kernels, and a batch that the devices sharing it divide."""
+    return device.compiles_pallas and jnp.dtype(dtype).itemsize == 2 and batch % shards == 0
+
+
+def _check_forced_pallas(operation: str, batch: int, device: Device, shards: int) -> None:
+    """A forced Pallas kernel runs where it can, or stops with what to do: compiled on a GPU that
+    takes it, through Pallas' interpreter off the GPU."""
+    if device.platform == "gpu" and not device.compiles_pallas:
+        raise ValueError(f"kernels {operation}=pallas needs a CUDA GPU of compute capability 8.0 or newer (Ampere, "
+                         f"Hopper); this one is {device.describe()}: use {operation}=auto.")
+    if batch % shards:
+        raise ValueError(f"kernels {operation}=pallas runs each device's share of the batch, but a batch of {batch} "
+                         f"does not split over the {shards} devices of the mesh: use {operation}=auto or a batch "
+                         f"divisible by {shards}.")
+
+
+def choose_attention(kernels: str, batch: int, queries: int, keys: int, head_dim: int, dtype, device: Device,
+                     shards: int = 1) -> str:
+    """The attention implementation for a batch of (queries x keys, head_dim) attentions, whose
+    batch `shards` devices share."""
     choice = parse(kernels)
-    if choice.attention == "pallas" and keys > short_attention.MAX_KEYS:
-        raise ValueError(f"kernels attention=pallas takes at most {short_attention.MAX_KEYS} keys, this layer has "
-                         f"{keys}: use attention=auto.")
+    if choice.attention == "pallas":
+        if keys > short_attention.MAX_KEYS:
+            raise ValueError(f"kernels attention=pallas takes at most {short_attention.MAX_KEYS} keys, this layer has "
+                             f"{keys}: use attention=auto.")
+        _check_forced_pallas("attention", batch, device, shards)
     if choice.attention != "auto":
         return choice.attention
     if (keys <= PALLAS_AUTO_MAX_KEYS and short_attention.takes(keys, head_dim)
-            and _pallas_fits(dtype, backend, choice.devices)):
+            and _pallas_fits(dtype, batch, device, shards)):
         return "pallas"
-    fused = (backend == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES and queries % 2 == 0
+    fused = (device.platform == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES and queries % 2 == 0
              and queries * keys >= CUDNN_MIN_LOGITS_PER_HEAD)
     return "cudnn" if fused else "exact"
 
 
-def choose_depthwise(kernels: str, channels: int, dtype, backend: str) -> str:
-    """The depthwise-conv implementation for a map of `channels` channels."""
+def choose_depthwise(kernels: str, batch: int, channels: int, dtype, device: Device, shards: int = 1) -> str:
+    """The depthwise-conv implementation for a batch of maps of `channels` channels."""
     choice = parse(kernels)
     tiled = depthwise.takes(channels)
     if choice.depthwise == "auto":
-        return "pallas" if _pallas_fits(dtype, backend, choice.devices) and tiled else "xla"
-    if choice.depthwise == "pallas" and not tiled:
-        raise ValueError(f"kernels depthwise=pallas needs a multiple of {depthwise.MIN_CHANNEL_BLOCK} channels, this "
-                         f"map has {channels}: use depthwise=xla or depthwise=auto.")
+        return "pallas" if tiled and _pallas_fits(dtype, batch, device, shards) else "xla"
+    if choice.depthwise == "pallas":
+        if not tiled:
+            raise ValueError(f"kernels depthwise=pallas needs a multiple of {depthwise.MIN_CHANNEL_BLOCK} channels, "
+                             f"this map has {channels}: use depthwise=xla or depthwise=auto.")
+        _check_forced_pallas("depthwise", batch, device, shards)
     return choice.depthwise
 
 
-def choose_norm(kernels: str, dtype, backend: str) -> str:
-    """The LayerNorm implementation for an output of `dtype`."""
+def choose_norm(kernels: str, batch: int, dtype, device: Device, shards: int = 1) -> str:
+    """The LayerNorm implementation for a batch whose output is of `dtype`."""
     choice = parse(kernels)
     if choice.norm == "auto":
-        return "pallas" if _pallas_fits(dtype, backend, choice.devices) else "xla"
+        return "pallas" if _pallas_fits(dtype, batch, device, shards) else "xla"
+    if choice.norm == "pallas":
+        _check_forced_pallas("norm", batch, device, shards)
     return choice.norm
 
 
@@ -178,13 +211,15 @@ def _fused_attention(q, k, v, scale: float, implementation: str):
 
 def attention(q, k, v, kernels: str = "auto"):
     """softmax(q k^T / sqrt(d)) v over (B, tokens, heads, head_dim) arrays."""
-    backend = jax.default_backend()
-    implementation = choose_attention(kernels, q.shape[1], k.shape[1], q.shape[-1], q.dtype, backend)
+    device = local_device()
+    implementation = choose_attention(kernels, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], q.dtype, device,
+                                      _shards())
     scale = q.shape[-1] ** -0.5
     if implementation == "exact":
         return exact_attention(q, k, v)[0]
     if implementation == "pallas":
-        return short_attention.short_attention(q, k, v, scale, target_for(q.dtype, backend))
+        kernel = functools.partial(short_attention.short_attention, scale=scale, target=target_for(q.dtype, device))
+        return per_device(kernel, q, k, v, batched=3)
     return _fused_attention(q, k, v, scale, implementation)
 
 
@@ -214,10 +249,11 @@ def depthwise_conv3x3(x, kernel, bias, kernels: str = "auto", *, residual: bool 
     if input_bias is not None:
         input_bias = jnp.asarray(input_bias, x.dtype)
     channels = kernel.shape[-1]
-    backend = jax.default_backend()
-    if choose_depthwise(kernels, channels, x.dtype, backend) == "pallas":
-        return depthwise.pallas_depthwise(x, kernel.reshape(9, channels), bias, input_bias, residual, apply_gelu,
-                                          target_for(x.dtype, backend))
+    device = local_device()
+    if choose_depthwise(kernels, x.shape[0], channels, x.dtype, device, _shards()) == "pallas":
+        conv = functools.partial(depthwise.pallas_depthwise, residual=residual, apply_gelu=apply_gelu,
+                                 target=target_for(x.dtype, device))
+        return per_device(conv, x, kernel.reshape(9, channels), bias, input_bias)
     if input_bias is not None:
         x = x + input_bias
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
@@ -243,10 +279,13 @@ def layer_norm(x, scale, bias, kernels: str = "auto", *, epsilon: float, dtype, 
     channels = x.shape[-1]
     acc = accumulator(jnp.promote_types(x.dtype, dtype))
     scale, bias = scale.astype(jnp.promote_types(scale.dtype, acc)), bias.astype(jnp.promote_types(bias.dtype, acc))
-    backend = jax.default_backend()
-    if choose_norm(kernels, dtype, backend) == "pallas":
-        y = norm.pallas_layer_norm(x.reshape(-1, channels), scale, bias, epsilon, apply_gelu, dtype,
-                                   target_for(acc, backend))
-        return y.reshape(x.shape)
+    device = local_device()
+    if choose_norm(kernels, x.shape[0], dtype, device, _shards()) == "pallas":
+        target = target_for(acc, device)
+
+        def rows(x, scale, bias):
+            y = norm.pallas_layer_norm(x.reshape(-1, channels), scale, bias, epsilon, apply_gelu, dtype, target)
+            return y.reshape(x.shape)
+        return per_device(rows, x, scale, bias)
     y = _xla_layer_norm(x, scale, bias, epsilon, acc).astype(dtype)
     return _gelu(y) if apply_gelu else y

@@ -49,7 +49,7 @@ def make_eval_step(model, mesh, state_sharding, use_ema: bool, compiler_options:
         return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(hits.any(axis=-1) * mask),
                 "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
-    return jax.jit(eval_step, in_shardings=(state_sharding, step.batch_sharding(mesh)),
+    return jax.jit(step.on_mesh(eval_step, mesh), in_shardings=(state_sharding, step.batch_sharding(mesh)),
                    out_shardings=step.replicated(mesh), compiler_options=compiler_options)
 
 

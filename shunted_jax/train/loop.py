@@ -132,7 +132,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                                                jax.process_count())
         total_steps = optim.total_train_steps(config, steps_per_epoch)
 
-        model = step.create_model(config.model, info.num_classes, mesh)
+        model = step.create_model(config.model, info.num_classes)
         abstract_state, state_sharding, train_step, initialise = step.prepare_training(
             config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
             steps_per_epoch=steps_per_epoch)

@@ -11,6 +11,7 @@ The batch's images come from the host as uint8; the step applies `config.data.de
 `train.loop` builds the step with `prepare_training` and `bench` with `init_training` (the same,
 with the initial state computed), so a benchmark times the step training runs.
 """
+import functools
 import math
 import re
 from typing import Any, Callable
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from shunted_jax import kernels, models
+from shunted_jax import models
 from shunted_jax.data import device_ops
 from shunted_jax.train import mixup, optim
 
@@ -45,16 +46,14 @@ class TrainState:
         return {"params": params}
 
 
-def create_model(model_config, num_classes: int, mesh=None):
+def create_model(model_config, num_classes: int):
     """`models.create(name, num_classes=..., **fields)` from a config.model ConfigDict; dtypes given
-    by name, `kernels` resolved for the mesh the model's steps run on (None: one device)."""
+    by name."""
     fields = model_config.to_dict()
     name = fields.pop("name")
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = jnp.dtype(fields[key])
-    if "kernels" in fields:
-        fields["kernels"] = kernels.resolve_for_mesh(fields["kernels"], mesh)
     return models.create(name, num_classes=num_classes, **fields)
 
 
@@ -118,6 +117,16 @@ def abstract_like(state, shardings):
     checkpoint into: the current mesh decides the layout."""
     return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=target),
                         state, shardings)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the mesh in context, for `jax.jit`: the model's Pallas kernels
+    then run on each device's share of the batch (`shunted_jax.kernels.dispatch`)."""
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -334,7 +343,7 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
                                   opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 
-    return jax.jit(train_step,
+    return jax.jit(on_mesh(train_step, mesh),
                    in_shardings=(state_sharding, batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)),
                    donate_argnums=0, compiler_options=compiler_options)
