@@ -95,6 +95,8 @@ def test_eval_mode_reproduces_the_final_evaluation(straight_run):
 
 
 def test_two_processes_train_and_checkpoint_together(tmp_path):
+    """Two processes of two devices each train one model; its LayerNorms are the Pallas kernel
+    (Pallas' interpreter here), each run on its device's share of a batch split over both hosts."""
     # Without the persistent compilation cache both processes compile everything: with it, one
     # process loaded what the other compiled and reached the first collective minutes earlier on a
     # loaded machine, past the 30 s in which the CPU collectives must meet.
@@ -102,6 +104,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     processes = [start_train(tmp_path, "--config.num_train_steps=4", "--config.checkpoint.every_steps=2",
+                             "--config.model.kernels=norm=pallas",
                              f"--config.distributed.coordinator_address=localhost:{port}",
                              "--config.distributed.num_processes=2", f"--config.distributed.process_id={index}",
                              num_devices=2, compilation_cache=False)
