@@ -48,16 +48,20 @@ def test_the_table_gives_ratios_to_torch_compile_and_marks_the_targets(tmp_path,
     assert "not measured: shunted_b, torch torch.compile: not finished in 400 s" in out
 
 
-def test_the_commands_are_what_the_benchmarks_parse():
+def test_our_commands_are_what_the_benchmark_parses():
     """The flags table.py passes exist, and say what the table claims: normalisation alone, the
-    given cache, the official file only for the Shunted models."""
+    given cache."""
     from benchmarks import step
     from shunted_jax.data import device_ops
 
     ours = step.make_parser().parse_args(table.ours_command("shunted_s", "runs.jsonl", "/tmp/cache")[3:])
     assert (ours.model, ours.device_pp, ours.plain_device_pp, ours.cache_dir, ours.json) == (
         "shunted_s", device_ops.EVAL_PP, "", "/tmp/cache", "runs.jsonl")
-    pytest.importorskip("torch")
+
+
+def test_the_pytorch_commands_are_what_its_benchmark_parses():
+    """The PyTorch side's flags exist: the official file for the Shunted models only."""
+    pytest.importorskip("torch", reason="benchmarks.torch_reference needs PyTorch")
     from benchmarks import torch_reference
 
     parse = torch_reference.make_parser().parse_args

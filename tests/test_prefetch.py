@@ -52,11 +52,12 @@ def test_closing_stops_the_thread():
 
     batches = prefetch_to_device(endless(), lambda b: b, size=2)
     next(batches)
+    running = [thread for thread in threading.enumerate() if thread.name == "prefetch_to_device"]
+    assert running and all(thread.is_alive() for thread in running)
     batches.close()
-    for thread in threading.enumerate():
-        if thread.name == "prefetch_to_device":
-            thread.join(timeout=60)
-            assert not thread.is_alive()
+    for thread in running:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
 
 
 def test_rejects_a_size_below_one():
