@@ -14,6 +14,7 @@ import dataclasses
 import pathlib
 import sys
 import types
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -48,6 +49,12 @@ def _frozen(value):
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
+def layout_overrides(model_fields: Mapping) -> dict:
+    """The fields of a run's model (its config.model, as saved in a checkpoint) that decide the
+    names and shapes of its parameters: the overrides `flax_to_torch` takes for it."""
+    return {k: _frozen(v) for k, v in model_fields.items() if k not in _NON_LAYOUT_FIELDS}
+
+
 def read_converted(path: pathlib.Path, name: str) -> Checkpoint:
     """A directory written by `shunted_jax.convert`: the official model, its BatchNorm counter kept."""
     variables = convert.load_variables(path, expected_model=name)
@@ -67,7 +74,7 @@ def read_run(workdir: pathlib.Path, name: str, use_ema) -> Checkpoint:
         fields = checkpoint.load_meta(manager, step)["model"]
         if fields["name"] != name:
             raise ExportError(f"{workdir} trained {fields['name']!r}, not {name!r}: pass --model {fields['name']}")
-        overrides = {k: _frozen(v) for k, v in fields.items() if k not in _NON_LAYOUT_FIELDS}
+        overrides = layout_overrides(fields)
         convert.check_official(name, overrides)  # before reading any array
         try:
             state = checkpoint.load_state(manager, step)

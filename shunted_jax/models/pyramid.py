@@ -243,8 +243,8 @@ class PyramidVisionTransformer(nn.Module):
 
     def feature_info(self) -> list:
         """Per stage, as timm's `feature_info`: `num_chs` (channels), `reduction` (stride in input
-        pixels; a partial last patch counts as a token, so a map is ceil(H / stride) high) and
-        `module` (the LayerNorm whose output it is)."""
+        pixels: the map of an H x W image is H / stride high where that divides; `stage_grids`
+        gives it for any size) and `module` (the LayerNorm whose output it is)."""
         return [{"num_chs": dim, "reduction": stride, "module": f"norm{i + 1}"}
                 for i, (dim, stride) in enumerate(zip(self.embed_dims, STAGE_STRIDES))]
 
