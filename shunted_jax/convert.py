@@ -31,6 +31,9 @@ _STEM_CONV_SLOTS = 3  # each stem unit is conv, BatchNorm, ReLU in one torch Seq
 BATCHES_TRACKED = "num_batches_tracked"
 # Fields the official code fixes for each model: any other value has keys that mean other weights.
 _OFFICIAL_FIELDS = ("attention", "ffn", "stem")
+# What the official Shunted code hard-codes: a conv stem 64 channels wide, SSA for these reduction ratios.
+_OFFICIAL_STEM_WIDTH = 64
+_OFFICIAL_SSA_SR_RATIOS = (1, 2, 4, 8)
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,6 +42,11 @@ class CheckpointMismatchError(ValueError):
 
 class NoOfficialLayoutError(ValueError):
     """The model differs from the official code in a field it fixes, so no official checkpoint holds it."""
+
+
+def _no_official_layout(field: str, value, why: str) -> "NoOfficialLayoutError":
+    return NoOfficialLayoutError(f"model field {field}={value!r} has no official PyTorch layout: {why} "
+                                 f"(config.model.{field} in a train.py run)")
 
 
 def check_official(name: str, model_overrides: Mapping) -> None:
@@ -51,16 +59,19 @@ def check_official(name: str, model_overrides: Mapping) -> None:
     for field in _OFFICIAL_FIELDS:
         value = model_overrides.get(field, official[field])
         if value != official[field]:
-            raise NoOfficialLayoutError(f"model field {field}={value!r} has no official PyTorch layout: the official "
-                                        f"{name} has {field}={official[field]!r} (config.model.{field} in a train.py run)")
+            raise _no_official_layout(field, value, f"the official {name} has {field}={official[field]!r}")
     model = models.create(name, **model_overrides)
-    if official["attention"] in MULTI_SCALE_KINDS:
+    if model.stem == "conv" and model.embed_dims[0] != _OFFICIAL_STEM_WIDTH:
+        raise _no_official_layout("embed_dims", model.embed_dims, f"the official {name}'s conv stem is "
+                                  f"{_OFFICIAL_STEM_WIDTH} channels wide, so embed_dims[0] must be {_OFFICIAL_STEM_WIDTH}")
+    if model.attention in MULTI_SCALE_KINDS:
+        if not set(model.sr_ratios) <= set(_OFFICIAL_SSA_SR_RATIOS):
+            raise _no_official_layout("sr_ratios", model.sr_ratios, f"the official {name}'s attention takes the "
+                                      f"ratios {_OFFICIAL_SSA_SR_RATIOS} only")
         official_rates = tuple(official_ssa_rates(r) for r in model.sr_ratios)
         if model.stage_rates() != official_rates:
-            raise NoOfficialLayoutError(
-                f"model field ssa_rates={model.ssa_rates!r} has no official PyTorch layout: the official {name} "
-                f"splits each stage's heads at the rates {official_rates}, set by sr_ratios "
-                "(config.model.ssa_rates=None in a train.py run)")
+            raise _no_official_layout("ssa_rates", model.ssa_rates, f"the official {name} splits each stage's heads "
+                                      f"at the rates {official_rates}, set by sr_ratios")
 
 
 def _template(model) -> Dict[FlaxPath, jax.ShapeDtypeStruct]:

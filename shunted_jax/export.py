@@ -7,7 +7,7 @@ reads a `train.py` workdir's latest checkpoint (the EMA weights when the run kep
 --no-ema) or a directory written by `shunted_jax.convert`, and writes OUT.safetensors (no PyTorch
 needed) and, when PyTorch is installed, OUT.pth: a plain state dict under the official key names
 (for PVTv2 those of whai362/PVT, which timm's `pvt_v2_*` models load). A model that the official
-code cannot express (another attention, FFN or stem, other SSA rates) is refused, naming the field.
+code cannot express (`convert.check_official`) is refused, naming the field.
 """
 import argparse
 import dataclasses
@@ -21,8 +21,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from shunted_jax import convert, models
-from shunted_jax.train import checkpoint
-from shunted_jax.train import console
+from shunted_jax.train import checkpoint, console
 
 # Suffixes of OUT that name one of the files rather than the pair.
 _OUTPUT_SUFFIXES = (".safetensors", ".pth")

@@ -133,10 +133,12 @@ def test_a_run_without_ema_or_of_another_model_says_what_to_pass(tmp_path):
 
 UNOFFICIAL = [
     ("shunted_t", {"attention": "sra"}, r"attention='sra' .*the official shunted_t has attention='ssa'"),
-    ("shunted_t", {"ssa_rates": ((8, 4, 2), (4, 2, 1), (2, 1), (1,)), "embed_dims": (48, 96, 128, 128),
-                   "num_heads": (3, 3, 4, 4)}, r"ssa_rates=\(\(8, 4, 2\).*official shunted_t"),
+    ("shunted_t", {"ssa_rates": ((8, 4), (4, 2, 1), (2, 1), (1,)), "embed_dims": (64, 96, 128, 128),
+                   "num_heads": (2, 3, 4, 4)}, r"ssa_rates=\(\(8, 4\), \(4, 2, 1\).*official shunted_t"),
     ("shunted_t", {"ssa_rates": ((4, 8), (2, 4), (1, 2), (1,))}, r"ssa_rates=\(\(4, 8\).*rates \(\(8, 4\), \(4, 2\)"),
     ("shunted_t", {"ffn": "plain"}, r"ffn='plain' .*the official shunted_t has ffn='detail'"),
+    ("shunted_t", {"embed_dims": (32, 64, 128, 128)}, r"embed_dims=\(32, 64, 128, 128\) .*conv stem is 64 channels"),
+    ("shunted_t", {"sr_ratios": (16, 4, 2, 1)}, r"sr_ratios=\(16, 4, 2, 1\) .*ratios \(1, 2, 4, 8\) only"),
     ("pvt_v2_b2", {"attention": "aggregator", "ssa_rates": ((8, 4), (4, 2), (2, 1), (1,))},
      r"attention='aggregator' .*the official pvt_v2_b2 has attention='sra'"),
 ]
