@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers.models import FIXTURES, RELEASED, TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture, \
-    official_listing
+from helpers.models import (FIXTURES, RELEASED, TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture,
+                            official_listing)
 from safetensors.numpy import load_file
 
 from configs import shunted_t as shunted_t_config
