@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec
 
 from shunted_jax.train import compilation_cache, console
@@ -105,7 +106,7 @@ def test_a_file_that_does_not_load_is_reported_and_replaced(store, caplog):
     assert [p.name for p in store.iterdir()] == [f"step-{key}.pkl"]
 
 
-def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_path):
+def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_path, caplog):
     before = jax.config.jax_compilation_cache_dir
     jitted = jax.jit(scaled)
     try:
@@ -115,10 +116,15 @@ def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_p
             assert compilation_cache.compiled_step(jitted, inputs(), name="step", config=config()) is jitted
         jax.config.update("jax_compilation_cache_dir", None)
         assert compilation_cache.steps_dir() is None
-        assert compilation_cache.compiled_step(jitted, inputs(), name="step", config=config()) is jitted
+        uncached = compilation_cache.compiled_step(jitted, inputs(), name="step", config=config())
+        assert "compiling" not in caplog.text
+        with caplog.at_level(logging.INFO):
+            np.testing.assert_array_equal(uncached(*inputs()), scaled(*inputs()))
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
     assert not (tmp_path / "steps").exists()
+    assert "compiling the step; JAX's compilation cache is off, so the first compile takes a while" in caplog.text
+    assert "compiled the step in" in caplog.text
 
 
 def compiled_twice(store, step, args):
@@ -133,6 +139,38 @@ def compiled_twice(store, step, args):
 
 def subtract_three():
     return jax.jit(lambda x, y: x * y - 3)
+
+
+@pytest.fixture
+def empty_jax_cache(tmp_path_factory):
+    """JAX's persistent cache in a directory of its own, empty."""
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax")))
+    jax_compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    jax_compilation_cache.reset_cache()
+
+
+def test_a_compile_is_announced_and_timed_and_called_slow_only_when_jaxs_cache_lacks_it(store, empty_jax_cache,
+                                                                                        caplog):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    x, y = inputs()
+    with caplog.at_level(logging.INFO):
+        compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config(), what="the step of a test")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "compiling the step of a test"
+    assert lines[1] == "JAX's compilation cache does not hold it: the first compile takes a while (minutes for a large model)"
+    assert lines[2].startswith("compiled the step of a test in ")
+    caplog.clear()
+    for path in store.iterdir():
+        path.unlink()
+    with caplog.at_level(logging.INFO):
+        compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config(), what="the step of a test")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "compiling the step of a test"
+    assert lines[1].startswith("loaded the step of a test from JAX's compilation cache in ")
+    assert not any("takes a while" in line or "CACHE MISS" in line for line in lines)
 
 
 def test_a_step_served_by_jaxs_cache_is_not_kept_on_the_cpu(store):

@@ -5,31 +5,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA_DIR
-from helpers.models import TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture
+from helpers.models import RELEASED, TINY_PVT, TINY_SHUNTED, fixture_model_and_variables, load_fixture, official_listing
 
 from shunted_jax import convert, models
-
-VARIANTS = sorted(p.stem for p in (DATA_DIR / "keys").glob("*.txt"))
 
 
 def official_state_dict(name):
     """A state dict with exactly the released keys and shapes (zero-filled, no memory per entry)."""
-    state = {}
-    for line in (DATA_DIR / "keys" / f"{name}.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, dtype = line.split("\t")
-        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
-        state[key] = np.broadcast_to(np.zeros((), dtype), dims)
-    return state
+    return {key: np.broadcast_to(np.zeros((), dtype), shape) for key, (shape, dtype) in official_listing(name).items()}
 
 
 def test_keys_files_cover_every_released_variant():
-    assert VARIANTS == models.list_models(official_only=True)
+    assert RELEASED == models.list_models(official_only=True)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", RELEASED)
 def test_every_official_key_converts(name):
     state = official_state_dict(name)
     variables = convert.torch_to_flax(state, name)

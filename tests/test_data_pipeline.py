@@ -227,3 +227,27 @@ def test_an_unknown_dataset_name_is_one_short_error(tmp_path):
     assert all(name in message for name in (config.DEMO_NAME, config.SYNTHETIC_NAME, "folder:", "tfds.list_builders()"))
     shown = "".join(traceback.format_exception(err.value))
     assert "cifar10" not in shown, "tfds' list of every dataset reaches the user"
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """A gzipped uint8 IDX file, the format of the Fashion-MNIST files."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_building_a_dataset_draws_no_progress_bars_into_a_log(tmp_path):
+    """tfds' bars redraw many times a second: in a log file (no terminal) each redraw stays."""
+    from shunted_jax.data.fashion_mnist_demo import SPLIT_FILES
+
+    rng = np.random.default_rng(0)
+    for images, labels in SPLIT_FILES.values():
+        write_idx(tmp_path / images, rng.integers(0, 256, (20, 28, 28)))
+        write_idx(tmp_path / labels, rng.integers(0, 10, (20,)))
+    result = subprocess.run([sys.executable, "-m", "shunted_jax.data.prepare", "--name", config.DEMO_NAME,
+                             "--data_dir", str(tmp_path / "tfds"), "--manual_dir", str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    assert "prepared fashion_mnist_demo" in result.stdout
+    assert "examples/s" not in result.stderr and "Generating" not in result.stderr

@@ -118,6 +118,35 @@ def test_too_small_input_says_the_minimum():
     assert models.create("pvt_v2_b0").min_input_size() == 29
 
 
+@pytest.mark.parametrize("name, channels", [("shunted_s", (64, 128, 256, 512)), ("pvt_v2_b2", (64, 128, 320, 512))])
+def test_feature_info_gives_the_channels_and_strides_of_the_feature_maps(name, channels):
+    info = models.feature_info(name)
+    assert [(i["num_chs"], i["reduction"]) for i in info] == list(zip(channels, (4, 8, 16, 32)))
+    model = models.create(name)
+    images = jnp.zeros((1, 224, 161, 3))
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
+
+    def shapes(**kwargs):
+        return [f.shape for f in jax.eval_shape(lambda v: model.apply(v, images, method="features", **kwargs), variables)]
+
+    assert shapes() == [(1, *grid, i["num_chs"]) for grid, i in zip(model.stage_grids(224, 161), info)]
+    assert [grid[0] for grid in model.stage_grids(224, 161)] == [224 // i["reduction"] for i in info]
+    assert shapes(out_indices=(3, 1)) == [shapes()[3], shapes()[1]]
+    for wrong in ((), (4,), (-1, 2)):
+        with pytest.raises(ValueError, match="must name stages 0 to 3"):
+            shapes(out_indices=wrong)
+    with pytest.raises(ValueError, match="single-scale"):
+        models.feature_info("vit_ti16")
+
+
+def test_selected_feature_maps_are_those_of_all_stages():
+    _, model, variables, images = fixture_model_and_variables("tiny_pvt_v2_64x64", jnp.float32)
+    every = model.apply(variables, images, method="features")
+    selected = model.apply(variables, images, method="features", out_indices=(2, 0))
+    np.testing.assert_array_equal(selected[0], every[2])
+    np.testing.assert_array_equal(selected[1], every[0])
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="shunted_s") as error:
         models.create("shunted_xl")

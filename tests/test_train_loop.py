@@ -1,6 +1,7 @@
 """train.py end to end on synthetic data: resume after SIGKILL, SIGTERM, eval mode, two processes, errors."""
 import json
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -81,9 +82,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     wait_for_line(process, "step 3/100000")
     process.send_signal(signal.SIGTERM)
     lines = wait_for_line(process, "preemption requested")
+    rest = process.stderr.read()
     assert process.wait() == 0
     saved_step = int(lines[-1].split("saved step ")[1].split()[0])
     assert 3 <= saved_step < 100000 and checkpoint_steps(tmp_path) == [saved_step]
+    assert f"stopped for preemption: trained steps 1-{saved_step} ({saved_step * 16:,} images)" in rest
 
 
 def test_eval_mode_reproduces_the_final_evaluation(straight_run):
@@ -92,6 +95,17 @@ def test_eval_mode_reproduces_the_final_evaluation(straight_run):
              if r["kind"] == "val"]
     assert "eval at step 12" in evaluated.stderr
     assert evals[-1]["top1"] == pytest.approx(evals[-2]["top1"]) and evals[-1]["count"] == 40
+
+
+def test_the_demo_model_is_refused_by_the_export_naming_its_stem_width(straight_run, tmp_path):
+    """The official Shunted stem is 64 channels wide: the demo's 16 would not load (test_export
+    exports the workdirs of models the official code expresses)."""
+    from shunted_jax import export
+
+    with pytest.raises(SystemExit, match=r"error: model field embed_dims=\(16, 32, 64, 96\) .*conv stem is 64 "
+                                         r"channels wide, so embed_dims\[0\] must be 64 \(config.model.embed_dims"):
+        export.main(["--model", "shunted_t", str(straight_run), str(tmp_path / "demo")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_processes_train_and_checkpoint_together(tmp_path):
@@ -184,15 +198,30 @@ def test_zero_steps_evaluates_and_a_complete_run_reports_its_recorded_evaluation
     assert [r["step"] for r in metrics.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"] == [0]
 
 
-def test_a_resumed_run_restores_without_computing_the_initial_state(tmp_path, monkeypatch, caplog):
+def test_a_run_says_what_it_compiles_and_ends_with_its_speed_and_outputs(tmp_path, monkeypatch, caplog):
+    """A resumed run also restores without computing the initial state."""
     config = small_config()
     config.num_train_steps = 2
-    loop.train_and_evaluate(config, tmp_path)
+    with caplog.at_level("INFO"):
+        loop.train_and_evaluate(config, tmp_path)
+    lines = [record.getMessage() for record in caplog.records]
+    what = "the train step of shunted_t (16 images of 32x32 a step, 8 cpu device(s))"
+    compiling = lines.index(f"compiling {what}")
+    assert re.fullmatch(rf"(compiled|loaded) {re.escape(what)}( from JAX's compilation cache)? in [0-9.]+ s",
+                        next(line for line in lines[compiling + 1:] if what in line))
+    summary = [record.getMessage() for record in caplog.records if record.module == "console"]
+    assert re.fullmatch(r"finished: trained steps 1-2 \(32 images\) in 0:00:\d\d, [0-9.]+ images/s with the first "
+                        r"step's compile, [0-9.]+ images/s after it; wall time 0:\d\d:\d\d", summary[0])
+    assert summary[1] == (f"checkpoints in {tmp_path}/checkpoints, metrics in {tmp_path}/metrics.jsonl; TensorBoard "
+                         f"events in {tmp_path}/tensorboard (tensorboard --logdir {tmp_path})")
+    caplog.clear()
     monkeypatch.setattr("shunted_jax.train.step.run_on_host",
                         lambda *args: pytest.fail("the resumed run initialised its state"))
     with caplog.at_level("INFO"):
         loop.train_and_evaluate(config, tmp_path)
     assert "resumed from" in caplog.text and "the run is complete: step 2 of 2" in caplog.text
+    assert "nothing to train: the run was already complete at step 2; wall time" in caplog.text
+    assert "compiling" not in caplog.text
 
 
 def test_every_evaluator_runs_on_its_own_period_and_logs_under_its_name(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ restricted to the CPU right after import, before anything else in TF runs.
 """
 import functools
 import os
+import sys
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,10 +30,13 @@ def tensorflow():
 
 @functools.lru_cache(maxsize=None)
 def tensorflow_datasets():
-    """Returns tensorflow_datasets, importing TensorFlow first so the device restriction comes first."""
+    """Returns tensorflow_datasets, importing TensorFlow first so the device restriction comes first.
+    Its progress bars are off when stderr is not a terminal: a log file would keep every redraw."""
     tensorflow()
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError("Install TensorFlow Datasets with `pip install tensorflow-datasets`.") from err
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()
     return tfds

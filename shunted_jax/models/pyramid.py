@@ -35,6 +35,7 @@ from shunted_jax.models.layers import (
 Dtype = Any
 
 ATTENTION_KINDS = ("ssa", "sra", "linear_sra", "aggregator")
+STAGE_STRIDES = (4, 8, 16, 32)  # each stage's output, in input pixels per token
 MULTI_SCALE_KINDS = ("ssa", "aggregator")  # attentions whose per-stage rates come from ssa_rates
 STEM_KINDS = ("conv", "patch")
 
@@ -182,7 +183,8 @@ class PyramidVisionTransformer(nn.Module):
     """A four-stage pyramid vision transformer on NHWC images.
 
     `apply(variables, images, train=False)` returns logits; `method="features"` returns the
-    four stage outputs (strides 4, 8, 16, 32, NHWC) for dense tasks.
+    stage outputs (strides 4, 8, 16, 32, NHWC) for dense tasks, those of `out_indices` when given;
+    `feature_info()` gives their channels and strides.
     """
 
     num_classes: int = 1000
@@ -239,6 +241,13 @@ class PyramidVisionTransformer(nn.Module):
                 return stage, grid, max(rates)
         return None
 
+    def feature_info(self) -> list:
+        """Per stage, as timm's `feature_info`: `num_chs` (channels), `reduction` (stride in input
+        pixels: the map of an H x W image is H / stride high where that divides; `stage_grids`
+        gives it for any size) and `module` (the LayerNorm whose output it is)."""
+        return [{"num_chs": dim, "reduction": stride, "module": f"norm{i + 1}"}
+                for i, (dim, stride) in enumerate(zip(self.embed_dims, STAGE_STRIDES))]
+
     def _validate(self, images):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"Unknown attention {self.attention!r}; choose one of {ATTENTION_KINDS}.")
@@ -260,13 +269,14 @@ class PyramidVisionTransformer(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, images, train: bool = False, return_features: bool = False):
+    def __call__(self, images, train: bool = False, out_indices: Optional[Sequence[int]] = None):
+        """Logits, or with `out_indices` the outputs of those stages (the later stages are not run)."""
         self._validate(images)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
         drop_rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
         x = images.astype(self.dtype)
         features = []
-        for i in range(4):
+        for i in range(4 if out_indices is None else max(out_indices) + 1):
             if i > 0:
                 x = PatchEmbed(self.embed_dims[i], name=f"patch_embed{i + 1}", **kw)(x)
             elif self.stem == "conv":
@@ -282,13 +292,17 @@ class PyramidVisionTransformer(nn.Module):
             x, _ = blocks(x, jnp.asarray(drop_rates[start : start + self.depths[i]], jnp.float32))
             x = layer_norm(BLOCK_NORM_EPS, name=f"norm{i + 1}", **kw)(x)
             features.append(x)
-        if return_features:
-            return features
+        if out_indices is not None:
+            return [features[i] for i in out_indices]
         pooled = jnp.mean(x, axis=(1, 2))
         head = nn.Dense(self.num_classes, kernel_init=dense_kernel_init, name="head", dtype=self.dtype,
                         param_dtype=self.param_dtype)
         return head(pooled)
 
-    def features(self, images, train: bool = False):
-        """The four stage outputs. Initialise through the default method: `features` creates no head."""
-        return self(images, train=train, return_features=True)
+    def features(self, images, train: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        """The outputs of the stages in `out_indices` (0-3), in that order. Initialise through the
+        default method: `features` creates no head."""
+        if not out_indices or any(not 0 <= i < len(STAGE_STRIDES) for i in out_indices):
+            raise ValueError(f"out_indices={tuple(out_indices)} must name stages 0 to {len(STAGE_STRIDES) - 1}, "
+                             "e.g. (1, 2, 3) for the strides 8, 16 and 32")
+        return self(images, train=train, out_indices=tuple(out_indices))

@@ -57,6 +57,16 @@ def create(name: str, **overrides) -> nn.Module:
     return model
 
 
+def feature_info(name: str, **overrides) -> list:
+    """Each stage's channels (`num_chs`), stride (`reduction`) and output module, as timm's
+    `feature_info`: what a detection or segmentation head is built from."""
+    model = create(name, **overrides)
+    if not isinstance(model, PyramidVisionTransformer):
+        raise ValueError(f"{name!r} is single-scale and has no stages; the pyramid models are "
+                         f"{', '.join(list_models(official_only=True))}")
+    return model.feature_info()
+
+
 def parse_overrides(items) -> dict:
     """`field=value` strings -> model overrides, values read as Python literals."""
     overrides = {}

@@ -130,6 +130,11 @@ def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=N
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
+def load_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The "meta" item saved at `step`: {"model": the model config's fields}."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
     """Restores the latest (or given) step into `abstract_state`'s shardings.
 
@@ -137,7 +142,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, st
     another model (fields in EXECUTION_FIELDS may differ).
     """
     step = manager.latest_step() if step is None else step
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = load_meta(manager, step)
     written, expected = _architecture(meta["model"]), _architecture(model_meta["model"])
     if written != expected:
         raise CheckpointMismatchError(

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging as python_logging
 import os
 import pathlib
 import pickle
 import sys
 import tempfile
+import time
 
 import jax
 from absl import logging
@@ -37,6 +39,10 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 # functions (the copy fails when run); a CUDA one runs (BENCHMARKS.md, session 15). ROCm and TPUs
 # are unchecked, so their served steps are not kept.
 PLATFORMS_KEEPING_SERVED_STEPS = ("cuda",)
+# JAX logs this (at DEBUG) just before it compiles a program that its persistent cache does not hold.
+_COMPILER_LOGGER = "jax._src.compiler"
+_CACHE_MISS_MESSAGE = "PERSISTENT COMPILATION CACHE MISS"
+_SLOW = "the first compile takes a while (minutes for a large model)"
 
 
 def enable(directory: str) -> None:
@@ -144,6 +150,72 @@ def _counting_cache_hits():
         jax.monitoring.unregister_event_listener(listener)
 
 
+class _CacheMissWatch(python_logging.Filter):
+    """Calls `on_miss` at the first cache miss JAX logs; lets through only the records that the
+    logger let through before it was opened to DEBUG for this."""
+
+    def __init__(self, on_miss, threshold: int):
+        super().__init__()
+        self._on_miss = on_miss
+        self._threshold = threshold
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        if self._on_miss is not None and record.getMessage().startswith(_CACHE_MISS_MESSAGE):
+            self._on_miss()
+            self._on_miss = None
+        return record.levelno >= self._threshold
+
+
+@contextlib.contextmanager
+def _on_cache_miss(callback):
+    """Calls `callback` when, meanwhile, JAX's persistent cache misses a program it is about to compile."""
+    logger = python_logging.getLogger(_COMPILER_LOGGER)
+    level = logger.level
+    watch = _CacheMissWatch(callback, logger.getEffectiveLevel())
+    logger.addFilter(watch)
+    logger.setLevel(python_logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.removeFilter(watch)
+
+
+@contextlib.contextmanager
+def announced_compile(what: str):
+    """Says what is compiled before it is; that the compile takes a while once JAX's persistent cache
+    turns out not to hold it (at once when the cache is off); after it, how long it took. Yields the
+    list of the cache's hits meanwhile (`_counting_cache_hits`)."""
+    if jax.config.jax_compilation_cache_dir:
+        logging.info("compiling %s", what)
+    else:
+        logging.info("compiling %s; JAX's compilation cache is off, so %s", what, _SLOW)
+    start = time.perf_counter()
+    with _counting_cache_hits() as hits, _on_cache_miss(lambda: logging.info("JAX's compilation cache does not "
+                                                                             "hold it: %s", _SLOW)):
+        yield hits
+    seconds = time.perf_counter() - start
+    if hits:
+        logging.info("loaded %s from JAX's compilation cache in %.1f s", what, seconds)
+    else:
+        logging.info("compiled %s in %.1f s", what, seconds)
+
+
+def announce_first_call(step, what: str):
+    """`step` (jitted, so compiled by its first call) with that first call announced by `announced_compile`."""
+    first_call = True
+
+    def announced(*args):
+        nonlocal first_call
+        if not first_call:
+            return step(*args)
+        first_call = False
+        with announced_compile(what):
+            return step(*args)
+
+    return announced
+
+
 def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
     """`loaded`, unless XLA cannot run it on the first call: then the file is deleted and `jitted`
     takes over (compiling on its call), so a bad file costs one compile rather than every restart.
@@ -172,26 +244,30 @@ def _falling_back(loaded, jitted, path: pathlib.Path, name: str):
     return step
 
 
-def compiled_step(jitted, args, *, name: str, config, context=None):
+def compiled_step(jitted, args, *, name: str, config, context=None, what: str = ""):
     """`jitted` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s, positional): loaded from
     the store when a run with the same `program_key` saved it, otherwise compiled (through JAX's
-    persistent cache) and saved there, unless JAX's cache served it on a platform outside
-    `PLATFORMS_KEEPING_SERVED_STEPS`. Without a cache directory, with
-    jit disabled, or with several processes (each would load its own part; JAX's persistent cache
-    serves them), this is `jitted` as it is.
+    persistent cache, `announced_compile` saying so as `what`, by default the name) and saved
+    there, unless JAX's cache served it on a platform outside `PLATFORMS_KEEPING_SERVED_STEPS`.
+    Without a cache directory or with several processes (each would load its own part; JAX's
+    persistent cache serves them) this is `jitted` with its first call announced
+    (`announce_first_call`); with jit disabled, `jitted` as it is.
 
     The store's files are pickles, trusted like JAX's cache: keep the directory private. A file
     that cannot be loaded, run or written is reported, deleted where it is bad, and compiled around
     (`_falling_back` says when a run must stop instead).
     """
+    what = what or f"the {name}"
     directory = steps_dir()
-    if directory is None or jax.process_count() > 1 or jax.config.jax_disable_jit:
+    if jax.config.jax_disable_jit:
         return jitted
+    if directory is None or jax.process_count() > 1:
+        return announce_first_call(jitted, what)
     try:
         path = directory / f"{name}-{program_key(name, config, args, context)}.pkl"
     except Exception as error:  # e.g. a package file that vanished while it was read
         logging.warning("could not compute the key of the %s (%s); it is not kept", name, error)
-        return jitted
+        return announce_first_call(jitted, what)
     if path.exists():
         try:
             loaded = _load(path)
@@ -200,7 +276,7 @@ def compiled_step(jitted, args, *, name: str, config, context=None):
         else:
             logging.info("loaded the compiled %s from %s", name, path)
             return _falling_back(loaded, jitted, path, name)
-    with _counting_cache_hits() as hits:
+    with announced_compile(what) as hits:
         compiled = jitted.lower(*args).compile()
     platform = platform_name(compiled.runtime_executable().local_devices()[0])
     if hits and platform not in PLATFORMS_KEEPING_SERVED_STEPS:

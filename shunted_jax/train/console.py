@@ -4,6 +4,10 @@ import pathlib
 import re
 import sys
 
+from absl import logging as absl_logging
+
+from shunted_jax.train.metrics import format_duration
+
 # Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
 _STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
 
@@ -60,7 +64,6 @@ def quiet_logging(verbose: bool) -> None:
     coroutines; a failed save or restore then shows as our one line instead of hundreds."""
     if verbose:
         return
-    from absl import logging as absl_logging
     absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = drop_orbax_leftovers(sys.unraisablehook)
@@ -87,3 +90,32 @@ def drop_orbax_leftovers(hook):
         if not _is_orbax_leftover(info):
             hook(info)
     return unraisable
+
+
+def describe_step(name: str, config, image_size: int, mesh) -> str:
+    """What a compile is of: 'the train step of shunted_t (128 images of 32x32 a step, 1 cpu device(s))'."""
+    return (f"the {name} of {config.model.name} ({config.global_batch_size} images of {image_size}x{image_size} "
+            f"a step, {mesh.devices.size} {mesh.devices.flat[0].platform} device(s))")
+
+
+def log_run_summary(workdir, start: int, end: int, batch_size: int, train_seconds: tuple, wall_seconds: float,
+                    preempted: bool = False) -> None:
+    """Logs the last lines of a training run: the steps it trained from `start` to `end` and how fast
+    (`train_seconds`: the training time with and after the first step, evaluations left out), the
+    wall time, and where its outputs are."""
+    workdir = pathlib.Path(workdir)
+    steps = end - start
+    if steps == 0:
+        done = f"nothing to train: the run was already complete at step {end}"
+    else:
+        with_first, after_first = train_seconds
+        done = (f"{'stopped for preemption' if preempted else 'finished'}: trained steps {start + 1}-{end} "
+                f"({steps * batch_size:,} images) in {format_duration(with_first)}, "
+                f"{steps * batch_size / with_first:.1f} images/s with the first step's compile")
+        if steps > 1:
+            done += f", {(steps - 1) * batch_size / after_first:.1f} images/s after it"
+    tensorboard = workdir / "tensorboard"
+    events = (f"; TensorBoard events in {tensorboard} (tensorboard --logdir {workdir})"
+              if tensorboard.is_dir() else "")
+    absl_logging.info("%s; wall time %s", done, format_duration(wall_seconds))
+    absl_logging.info("checkpoints in %s, metrics in %s%s", workdir / "checkpoints", workdir / "metrics.jsonl", events)

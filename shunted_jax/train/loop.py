@@ -13,8 +13,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import (checkpoint, compilation_cache, evaluators, finetune, metrics, optim, prefetch,
-                               step, workdirs)
+from shunted_jax.train import (checkpoint, compilation_cache, console, evaluators, finetune, metrics, optim,
+                               prefetch, step, workdirs)
 from shunted_jax.train.console import RunError
 
 
@@ -112,6 +112,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     (`compilation_cache.compiled_step`). Its key sees this package's files, not code defined or
     patched at run time, as in a notebook: callers that change code so leave it off.
     """
+    run_start = time.perf_counter()
     check_config(config)
     initialize_distributed(config.distributed)
     compilation_cache.enable(config.compilation_cache_dir)
@@ -163,7 +164,10 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
 
         if start >= total_steps:
             logging.info("the run is complete: step %d of %d", start, total_steps)
-            return evaluate_once(evals, train_state, writer, workdir, start)
+            results = evaluate_once(evals, train_state, writer, workdir, start)
+            console.log_run_summary(workdir, start, start, config.global_batch_size, (0.0, 0.0),
+                                    time.perf_counter() - run_start)
+            return results
 
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -173,16 +177,21 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         cleanup.callback(batches.close)
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
+        train_start, first_step_done, eval_seconds = time.perf_counter(), None, 0.0
         with PreemptionWatcher() as preemption:
+            first_batch = next(batches)
+            what = console.describe_step("train step", config, info.image_size, mesh)
             if keep_compiled_step:
-                first_batch = next(batches)
                 train_step = compilation_cache.compiled_step(
                     train_step, (train_state, first_batch), name="train_step", config=config,
-                    context={"dataset": info, "steps_per_epoch": steps_per_epoch})
-                batches = itertools.chain([first_batch], batches)
+                    context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
+            else:
+                train_step = compilation_cache.announce_first_call(train_step, what)
+            batches = itertools.chain([first_batch], batches)
             last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
                 train_state, step_metrics = train_step(train_state, next(batches))
+                first_step_done = first_step_done or time.perf_counter()
                 saving = checkpoint.check_save(manager, saving)
                 pending.append((step_number, step_metrics))
                 preempted = preemption.requested(step_number)
@@ -204,9 +213,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                     saving = checkpoint.save(manager, train_state, model_meta)
                 if preempted:
                     logging.info("preemption requested: saved step %d and stopping", step_number)
-                    return {}
+                    break
+                eval_start = time.perf_counter()
                 results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
-        return results
+                eval_seconds += time.perf_counter() - eval_start
+        checkpoint.wait_for_saves(manager)
+        now = time.perf_counter()
+        console.log_run_summary(workdir, start, step_number, config.global_batch_size,
+                                (now - train_start - eval_seconds, now - first_step_done - eval_seconds),
+                                now - run_start, preempted=preempted)
+        return {} if preempted else results
 
 
 def evaluate_once(evals, train_state, writer, workdir, step_number: int) -> dict:

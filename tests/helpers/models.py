@@ -10,12 +10,24 @@ from shunted_jax.convert import torch_to_flax
 TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
                     depths=(1, 1, 2, 1), num_conv=1)
 TINY_PVT = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1))
+RELEASED = sorted(p.stem for p in (DATA_DIR / "keys").glob("*.txt"))  # the variants with official checkpoints
 FIXTURES = {
     "tiny_shunted_64x48": ("shunted_t", TINY_SHUNTED),
     "tiny_shunted_71x45": ("shunted_t", TINY_SHUNTED),
     "tiny_pvt_v2_64x64": ("pvt_v2_b0", TINY_PVT),
     "tiny_pvt_v2_li_40x56": ("pvt_v2_b2_li", TINY_PVT),
 }
+
+
+def official_listing(name) -> dict:
+    """{key: (shape, dtype)} of every entry of the released state dict (tests/data/keys)."""
+    listing = {}
+    for line in (DATA_DIR / "keys" / f"{name}.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        listing[key] = (() if shape == "scalar" else tuple(int(d) for d in shape.split("x")), np.dtype(dtype))
+    return listing
 
 
 def load_fixture(name):
