@@ -4,10 +4,10 @@ Shunted stage shape.
     python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|device_ops|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
-forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32. These
-are the tables of BENCHMARKS.md, "Session 2" and "Session 9" (they decide what `kernels="auto"`
-picks for attention), and "depthwise" those of "Session 5": the model's DepthwiseConv3x3 (with the
-FFN's residual) and FeedForward modules with `kernels="depthwise=xla"` and `"depthwise=pallas"`.
+forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32
+(BENCHMARKS.md, "Kernels": the attention timings decide what `kernels="auto"` picks). "depthwise"
+times the model's DepthwiseConv3x3 (with the FFN's residual) and FeedForward modules with
+`kernels="depthwise=xla"` and `"depthwise=pallas"`.
 "pvt_attention" runs the attention candidates at PVTv2-b2's shapes (head dim 64, 49 keys) and
 first prints the Pallas kernels' largest error against float32 einsums, forward and gradients.
 "device_ops" times the train step's device preprocessing on a uint8 batch of 128 x 224^2: the

@@ -1,4 +1,4 @@
-"""The comparison table of issue 21 from one machine: the official PyTorch models (eager and
+"""The comparison table of BENCHMARKS.md ("Against PyTorch") from one machine: the official PyTorch models (eager and
 `torch.compile`), timm's PVTv2, and this project, each timed by its own benchmark in a process of
 its own, one after another, then the table with the ratios and targets.
 

@@ -1,5 +1,5 @@
 """Images/s of the official PyTorch Shunted model, and of timm's PVTv2, measured the way
-`benchmarks.step` measures ours, so that the comparison can be made again on whichever GPU is lent.
+`benchmarks.step` measures ours, so that the comparison can be made again on any GPU, beside ours.
 
     python -m benchmarks.torch_reference --official PATH/SSA.py --model shunted_s [--compile]
         [--batch 128] [--eval-batch 256] [--steps 20] [--json FILE]
