@@ -16,13 +16,11 @@ import numpy as np
 from PIL import Image
 
 from shunted_jax.data import randaug
+from shunted_jax.data.device_ops import IMAGENET_MEAN, IMAGENET_STD
 from shunted_jax.data.registry import register
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
