@@ -381,7 +381,7 @@ def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3
     return op
 
 
-_OPS: dict[str, Callable[..., ImageOp]] = {
+OPS: dict[str, Callable[..., ImageOp]] = {
     "randaug": randaug,
     "value_range": value_range,
     "normalize": normalize,
@@ -391,7 +391,7 @@ _OPS: dict[str, Callable[..., ImageOp]] = {
 
 def parse(pp: str) -> list[tuple[str, ImageOp]]:
     """The "|"-separated device ops of `pp` as (spec, op); unknown names and bad arguments fail here."""
-    return parse_ops(pp, _OPS, "device", EVAL_PP)
+    return parse_ops(pp, OPS, "device", EVAL_PP)
 
 
 def build(pp: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
