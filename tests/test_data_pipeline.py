@@ -217,6 +217,16 @@ def test_a_bad_preprocessing_string_fails_before_iterating(demo_data_dir):
         data.train_iterator(small_config(data_dir=demo_data_dir, pp_train="decode|blur(3)"), 8)
 
 
+@pytest.mark.parametrize("field", ["pp_train", "pp_eval"])
+def test_a_host_string_naming_a_device_op_fails_in_one_line_before_the_run_starts(demo_data_dir, field):
+    """dataset_info, which a training run calls before its slow initialisation, parses the strings."""
+    cfg = small_config(data_dir=demo_data_dir, **{field: "decode_uint8|resize(32)|randaug(2,9,0.5)"})
+    with pytest.raises(ValueError, match=r"^'randaug\(2,9,0\.5\)' in .* is not a preprocessing op: put it in the "
+                                         r"device ops, data\.device_pp_train") as err:
+        data.dataset_info(cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_unprepared_and_unknown_datasets_say_what_to_do(tmp_path):
     with pytest.raises(DatasetNotPreparedError, match="ILSVRC2012_img_train.tar") as err:
         data.train_iterator(small_config(name="imagenet2012", data_dir=str(tmp_path)), 8)
