@@ -39,11 +39,10 @@ def dataset_info(cfg) -> DatasetInfo:
     _config.validate(cfg)
     if _is_synthetic(cfg):
         return DatasetInfo(int(cfg.num_classes), int(cfg.num_train_examples), int(cfg.num_eval_examples), int(cfg.image_size))
-    from shunted_jax.data import registry
+    from shunted_jax.data import pipeline
     from shunted_jax.data.sources import make_source
 
-    for pp in (cfg.pp_train, cfg.pp_eval):
-        registry.parse(_config.format_pp(pp, cfg))
+    pipeline.check_preprocessing(cfg)
 
     source = make_source(cfg)
     return DatasetInfo(source.num_classes, source.num_train, source.num_eval, int(cfg.image_size))
