@@ -69,11 +69,10 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.data.name = "imagenet2012"
     config.data.image_size = 224
     config.data.repeated_aug = 3
-    # The host decodes, crops and flips to uint8; the device ops (data.device_ops) do RandAugment,
-    # normalisation and random erasing in the train step. A float host string needs device_pp_train="".
-    config.data.pp_train = data_config.HOST_PP_TRAIN
+    # The host decodes, crops and flips to uint8 (data.pp_train's default, HOST_PP_TRAIN); the device
+    # ops (data.device_ops) do RandAugment, normalisation and random erasing in the train step. A
+    # float host string needs device_pp_train="".
     config.data.device_pp_train = device_ops.TRAIN_PP
-    config.data.synthetic_dtype = "uint8"  # synthetic data stands in for the uint8 host pipeline
     config.prefetch_to_device = 2  # global batches put on the devices ahead of the step
     # Compiled programs persist here, so a restarted run does not compile again; "" leaves JAX's own
     # setting (off unless $JAX_COMPILATION_CACHE_DIR is set).

@@ -72,7 +72,7 @@ def test_fail_names_the_corrupt_files(image_root, tmp_path):
 def test_folder_batches_and_labels(image_root, tmp_path):
     cfg = folder_config(image_root, tmp_path)
     epoch = [batch for _, batch in zip(range(3), data.train_iterator(cfg, 4))]
-    assert epoch[0]["image"].shape == (4, 32, 32, 3) and epoch[0]["image"].dtype == np.float32
+    assert epoch[0]["image"].shape == (4, 32, 32, 3) and epoch[0]["image"].dtype == np.uint8
     assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == [0] * 6 + [1] * 6
     evaluated = list(data.eval_iterator(cfg, 4, 1, 2))
     assert len(evaluated) == 2 and sum(b["mask"].sum() for b in evaluated) == 3

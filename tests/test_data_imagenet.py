@@ -68,7 +68,7 @@ def test_imagenet_train_batches_carry_the_synset_labels(imagenet_cfg):
     synset_index = {synset: index for index, synset in enumerate(_tfds_label_file("labels.txt"))}
     expected = sorted(synset_index[s] for s in SYNSETS for _ in range(IMAGES_PER_SYNSET))
     batches = [batch for _, batch in zip(range(3), data.train_iterator(imagenet_cfg, 4, 0, 1))]
-    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.float32 for b in batches)
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in batches)
     assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == expected
 
 

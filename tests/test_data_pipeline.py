@@ -1,15 +1,18 @@
 """train_iterator / eval_iterator on synthetic data and on the Fashion-MNIST demo (a real tfds dataset)."""
+import ast
 import collections
+import re
 import subprocess
 import sys
 import traceback
 
+import jax
 import numpy as np
 import pytest
 from helpers.data import demo_data_dir, small_config  # noqa: F401  (demo_data_dir is a fixture)
 
 from shunted_jax import data
-from shunted_jax.data import config, pipeline, registry
+from shunted_jax.data import config, device_ops, pipeline, registry
 from shunted_jax.data.sources import DatasetNotPreparedError
 from shunted_jax.data.tf_import import tensorflow, tensorflow_datasets
 
@@ -66,7 +69,7 @@ def test_synthetic_eval_counts_every_example_once():
     assert last["mask"].dtype == np.bool_ and not last["mask"].all()
     partial = per_process[0][-1]
     assert 0 < partial["mask"].sum() < len(partial["mask"])
-    assert (partial["image"][~partial["mask"]] == 0).all() and (partial["image"][partial["mask"]] != 0).all()
+    assert (partial["image"][~partial["mask"]] == 0).all() and partial["image"][partial["mask"]].any(axis=(1, 2, 3)).all()
 
 
 @pytest.mark.parametrize("global_batch, processes", [(10, 3), (0, 1)])
@@ -93,12 +96,15 @@ def test_demo_dataset_is_a_real_tfds_dataset(demo_data_dir):
     assert builder.is_prepared() and builder.info.features["image"].shape == (28, 28, 1)
 
 
-def test_demo_train_batches_are_normalised_rgb(demo_data_dir):
+def test_demo_train_batches_are_uint8_rgb_that_the_device_ops_normalise(demo_data_dir):
     batch = next(data.train_iterator(small_config(data_dir=demo_data_dir), 32))
-    assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # grey, repeated
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
     assert set(batch["label"].tolist()) <= set(range(10)) and len(set(batch["label"].tolist())) > 3
-    assert -3 < batch["image"].mean() < 3 and 0.3 < batch["image"].std() < 3
+    keys = device_ops.example_keys(jax.random.key(0), 0, np.arange(32))
+    normalised = np.asarray(device_ops.build(device_ops.EVAL_PP)(batch["image"], keys))
+    assert -3 < normalised.mean() < 3 and 0.3 < normalised.std() < 3
 
 
 def test_resume_matches_an_uninterrupted_run_across_epochs(demo_data_dir):
@@ -211,6 +217,28 @@ def test_eval_defaults_to_the_test_split_when_there_is_no_validation(demo_data_d
 def test_a_bad_preprocessing_string_fails_before_iterating(demo_data_dir):
     with pytest.raises(ValueError, match="unknown preprocessing op 'blur'"):
         data.train_iterator(small_config(data_dir=demo_data_dir, pp_train="decode|blur(3)"), 8)
+
+
+def test_a_host_string_naming_a_device_op_fails_in_one_line_before_the_run_starts(demo_data_dir):
+    """dataset_info, which a training run calls before its slow initialisation, parses the strings;
+    in a fresh interpreter, where nothing else has imported the host ops yet."""
+    code = (
+        "from shunted_jax import data\n"
+        "for field in ('pp_train', 'pp_eval'):\n"
+        f"    cfg = data.default_config(); cfg.data_dir = {demo_data_dir!r}\n"
+        "    cfg[field] = 'decode_uint8|resize(32)|randaug(2,9,0.5)'\n"
+        "    try:\n"
+        "        data.dataset_info(cfg)\n"
+        "    except ValueError as err:\n"
+        "        print(repr(str(err)))\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert len(lines) == 2, lines
+    for line in lines:
+        message = ast.literal_eval(line)
+        assert "\n" not in message
+        assert re.match(r"'randaug\(2,9,0\.5\)' in .* is not a preprocessing op: put it in the device ops, "
+                        r"data\.device_pp_train", message), message
 
 
 def test_unprepared_and_unknown_datasets_say_what_to_do(tmp_path):

@@ -32,12 +32,17 @@ def _is_synthetic(cfg) -> bool:
 
 
 def dataset_info(cfg) -> DatasetInfo:
-    """Sizes of the dataset cfg names; builds the demo dataset on first use."""
+    """Sizes of the dataset cfg names; builds the demo dataset on first use. Its preprocessing
+    strings are parsed here, so that a bad one (e.g. naming a device op) fails before a training
+    run's slow start."""
     cfg = with_defaults(cfg)
     _config.validate(cfg)
     if _is_synthetic(cfg):
         return DatasetInfo(int(cfg.num_classes), int(cfg.num_train_examples), int(cfg.num_eval_examples), int(cfg.image_size))
+    from shunted_jax.data import pipeline
     from shunted_jax.data.sources import make_source
+
+    pipeline.check_preprocessing(cfg)
 
     source = make_source(cfg)
     return DatasetInfo(source.num_classes, source.num_train, source.num_eval, int(cfg.image_size))

@@ -7,18 +7,23 @@ vmapped over the batch, so a step sharded along the batch shards the augmentatio
 example's randomness comes only from its key, and `example_keys` folds the keys from (seed, step,
 global example index): an example is augmented alike on any mesh and after a resume.
 
-The ops compute what the host's TensorFlow ops of the same names compute (data/ops.py,
-data/randaug.py: timm's rand-m9-mstd0.5-inc1 and random erasing in mode "pixel"); the tests compare
-them op by op. dm-pix does what it has: the bilinear interpolation of Rotate, ShearX/Y and
-TranslateX/YRel (`dm_pix.flat_nd_linear_interpolate_constant`; see `affine`) and Solarize
-(`dm_pix.solarize`). The rest is written here because dm-pix's ops of similar names compute
-something else than the PIL operations timm applies: its adjust_brightness adds where PIL
-multiplies, its adjust_contrast blends each channel with that channel's mean where PIL blends with
-the mean luma, its adjust_saturation works in HSV where PIL blends with the luma; and it has no
-AutoContrast, Equalize, Invert, Posterize, SolarizeAdd, PIL's smoothing kernel for Sharpness, random
-erasing or normalisation. Three are written for speed on the GPU (see `_luma`, `_histogram` and
-`_per_channel`). This module imports no TensorFlow, so it repeats the few constants it shares with
-the host ops (the tests check that they agree).
+The ops are timm's rand-m9-mstd0.5-inc1 and random erasing in mode "pixel": each RandAugment
+operation computes the PIL operation timm calls (ImageOps, ImageEnhance, Image.transform) in
+float32, and tests/test_device_ops.py compares them op by op on photographs. They differ from PIL
+on purpose in three ways: values stay float32 where PIL rounds to uint8, the warps are bilinear
+(timm's DeiT recipe asks PIL for bicubic), and a warped pixel near the image's edge blends with
+the fill (see `affine`). Without an accelerator they run on the CPU, as they are.
+
+dm-pix does what it has: the bilinear interpolation of Rotate, ShearX/Y and TranslateX/YRel
+(`dm_pix.flat_nd_linear_interpolate_constant`; see `affine`) and Solarize (`dm_pix.solarize`).
+The rest is written here because dm-pix's ops of similar names compute something else than the
+PIL operations timm applies: its adjust_brightness adds where PIL multiplies, its adjust_contrast
+blends each channel with that channel's mean where PIL blends with the mean luma, its
+adjust_saturation works in HSV where PIL blends with the luma; and it has no AutoContrast,
+Equalize, Invert, Posterize, SolarizeAdd, PIL's smoothing kernel for Sharpness, random erasing or
+normalisation. Three are written for speed on the GPU (see `_luma`, `_histogram` and
+`_per_channel`). This module imports no TensorFlow; the host ops take the constants they share
+with it from here.
 """
 import math
 from typing import Callable, NamedTuple
@@ -33,7 +38,8 @@ MAX_MAGNITUDE = 10.0
 APPLY_PROBABILITY = 0.5
 # timm fills uncovered pixels of geometric ops with the ImageNet mean in 0..255.
 FILL_RGB = (124.0, 116.0, 104.0)
-LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
+# PIL's convert("L") (ITU-R 601-2: L = R 299/1000 + G 587/1000 + B 114/1000), as ImageEnhance uses it.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The official (DeiT, timm) recipe's device part, for training and for evaluation.
@@ -63,7 +69,7 @@ def _blend(degenerate, image, factor):
 
 
 def _luma(image):
-    """ITU-R 601 luma as one channel, with TF's and dm-pix's weights. Written as a weighted sum:
+    """ITU-R 601 luma as one channel, with PIL's weights (unrounded). Written as a weighted sum:
     `dm_pix.rgb_to_grayscale` contracts the 3 channels with a tensordot, which XLA:GPU runs as a
     matrix product of its own instead of fusing it with the blend (twice the time of Color)."""
     red, green, blue = (image[..., c:c + 1] for c in range(3))
@@ -209,6 +215,13 @@ def _transform(a0=1.0, a1=0.0, a2=0.0, a3=0.0, a4=1.0, a5=0.0):
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in (a0, a1, a2, a3, a4, a5)])
 
 
+def shear(a1=0.0, a3=0.0):
+    """The transform of PIL's affine shear (1, a1, 0, a3, 1, 0). PIL maps pixel centres, at
+    half-integer coordinates, so in `affine`'s integer pixel coordinates the shear moves by half its
+    factor: x + a1 (y + 1/2), y + a3 (x + 1/2)."""
+    return _transform(a1=a1, a2=a1 / 2, a3=a3, a5=a3 / 2)
+
+
 class Operation(NamedTuple):
     """One of RandAugment's operations. A photometric one has `apply(image, level, sign, applied)`,
     where `applied` says whether its result is used (an operation may skip work where it is not); a
@@ -247,8 +260,8 @@ def operations(increasing: bool = True) -> list[Operation]:
         Operation("Contrast", apply=lambda image, level, sign, applied: contrast(image, enhance(level, sign))),
         Operation("Brightness", apply=lambda image, level, sign, applied: brightness(image, enhance(level, sign))),
         Operation("Sharpness", apply=lambda image, level, sign, applied: sharpness(image, enhance(level, sign))),
-        Operation("ShearX", transform=lambda level, sign, h, w: _transform(a1=level * 0.3 * sign)),
-        Operation("ShearY", transform=lambda level, sign, h, w: _transform(a3=level * 0.3 * sign)),
+        Operation("ShearX", transform=lambda level, sign, h, w: shear(a1=level * 0.3 * sign)),
+        Operation("ShearY", transform=lambda level, sign, h, w: shear(a3=level * 0.3 * sign)),
         Operation("TranslateXRel", transform=lambda level, sign, h, w: _transform(a2=level * 0.45 * sign * w)),
         Operation("TranslateYRel", transform=lambda level, sign, h, w: _transform(a5=level * 0.45 * sign * h)),
     ]
@@ -368,7 +381,7 @@ def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3
     return op
 
 
-_OPS: dict[str, Callable[..., ImageOp]] = {
+OPS: dict[str, Callable[..., ImageOp]] = {
     "randaug": randaug,
     "value_range": value_range,
     "normalize": normalize,
@@ -378,7 +391,7 @@ _OPS: dict[str, Callable[..., ImageOp]] = {
 
 def parse(pp: str) -> list[tuple[str, ImageOp]]:
     """The "|"-separated device ops of `pp` as (spec, op); unknown names and bad arguments fail here."""
-    return parse_ops(pp, _OPS, "device", EVAL_PP)
+    return parse_ops(pp, OPS, "device", EVAL_PP)
 
 
 def build(pp: str) -> Callable[[jax.Array, jax.Array], jax.Array]:

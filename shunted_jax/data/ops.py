@@ -1,10 +1,11 @@
-"""The registered preprocessing ops.
+"""The registered preprocessing ops: the host decodes, crops, flips and resizes.
 
 Images are HxWx3 with values in [0, 255]: uint8 from `decode_uint8` and
 `decode_and_inception_crop`, float32 from `decode`. The geometric ops (crops, resizes, flip)
-keep the dtype, so a uint8 string stays uint8 up to the batch. The float ops (`randaug`,
-`value_range`, `normalize`, `random_erase`) take either and give float32; `normalize` and
-`random_erase` come after `value_range`.
+keep the dtype, so a uint8 string stays uint8 up to the batch. `value_range` and `normalize`
+take either and give float32, for a host string that finishes its images itself. RandAugment and
+random erasing have one implementation, data.device_ops, run in the train step (on the CPU when
+that is the device).
 
 The decoding ops also take an image that is already decoded (uint8): repeated augmentation
 decodes each record once and runs the string on every copy of the decoded image.
@@ -15,14 +16,11 @@ import math
 import numpy as np
 from PIL import Image
 
-from shunted_jax.data import randaug
+from shunted_jax.data.device_ops import IMAGENET_MEAN, IMAGENET_STD
 from shunted_jax.data.registry import register
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _uniform(seed, minval=0.0, maxval=1.0, shape=()):
@@ -236,53 +234,3 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(x - mean) / std per channel; by default ImageNet's, for images in [0, 1]."""
     mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
     return lambda features, seed: _replace_image(features, (_float_image(features) - mean_t) / std_t)
-
-
-@register("randaug")
-def randaug_op(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True):
-    """RandAugment on [0, 255] images: e.g. randaug(2, 9, 0.5) is timm's rand-m9-mstd0.5-inc1."""
-    augment = randaug.RandAugment(num_layers, magnitude, magnitude_std, increasing)
-    return lambda features, seed: _replace_image(features, augment(_float_image(features), seed))
-
-
-def sample_erase_box(height, width, seed, area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(3.3)), attempts=10):
-    """(found, top, left, h, w) of a random box covering an `area` fraction with log-uniform aspect;
-    the first of `attempts` draws that fits strictly inside wins, and none may fit."""
-    area_seed, aspect_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    total = tf.cast(height * width, tf.float32)
-    target = total * _uniform(area_seed, area[0], area[1], [attempts])
-    aspect = tf.exp(_uniform(aspect_seed, log_aspect[0], log_aspect[1], [attempts]))
-    box_h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
-    box_w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
-    fits = (box_h < height) & (box_w < width)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    h, w = box_h[first], box_w[first]
-    offsets = _uniform(offset_seed, shape=[2])
-    top = tf.minimum(tf.cast(offsets[0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
-    left = tf.minimum(tf.cast(offsets[1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
-    return tf.reduce_any(fits), top, left, h, w
-
-
-@register("random_erase")
-def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3, aspect_max=3.3):
-    """Random erasing, mode "pixel": one box per image, with probability `probability`, replaced by
-    per-pixel standard-normal values (the images are normalised by now)."""
-
-    def erase(image, seed):
-        box_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        shape = tf.shape(image)
-        found, top, left, h, w = sample_erase_box(
-            shape[0], shape[1], box_seed, (area_min, area_max), (math.log(aspect_min), math.log(aspect_max))
-        )
-        rows, cols = tf.range(shape[0])[:, None, None], tf.range(shape[1])[None, :, None]
-        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w) & found
-        noise = tf.random.stateless_normal(shape, seed=noise_seed)
-        return tf.where(inside, noise, image)
-
-    def op(features, seed):
-        gate_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        image = _float_image(features)
-        erased = tf.cond(_uniform(gate_seed) < probability, lambda: erase(image, erase_seed), lambda: image)
-        return _replace_image(features, erased)
-
-    return op

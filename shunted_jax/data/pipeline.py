@@ -141,6 +141,13 @@ def train_batches(
     return _endless(plan, *divmod(start_step, steps))
 
 
+def check_preprocessing(cfg) -> None:
+    """Parses cfg's preprocessing strings (the ops are registered by now), so that a bad one fails
+    here, before a training run's slow start."""
+    for pp in (cfg.pp_train, cfg.pp_eval):
+        registry.parse(config_lib.format_pp(pp, cfg))
+
+
 def _padding(element_spec: dict, count: int):
     """`count` all-zero examples with mask False, shaped like the real ones."""
     shapes = {key: spec.shape for key, spec in element_spec.items()}

@@ -2,6 +2,8 @@
 factories, without TensorFlow: the device ops (data/device_ops.py), which run inside the jitted
 step, read their strings as the host's preprocessing strings are read."""
 import ast
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable, TypeVar
 
 Op = TypeVar("Op")
@@ -25,15 +27,19 @@ def parse_call(spec: str, kind: str) -> tuple[str, list, dict]:
     return node.func.id, args, kwargs
 
 
-def parse_ops(pp: str, factories: dict[str, Callable[..., Op]], kind: str, example: str) -> list[tuple[str, Op]]:
+def parse_ops(pp: str, factories: dict[str, Callable[..., Op]], kind: str, example: str,
+              elsewhere: Mapping[str, str] = MappingProxyType({})) -> list[tuple[str, Op]]:
     """The "|"-separated ops of `pp` as (spec, factory(*args, **kwargs)); an unknown name or bad
-    arguments fail here, early, naming the `kind` of op; `example` is a valid string to suggest."""
+    arguments fail here, early, naming the `kind` of op; `example` is a valid string to suggest.
+    `elsewhere` maps names that are ops of another kind, not this one, to where they belong."""
     specs = [spec.strip() for spec in pp.split("|") if spec.strip()]
     if not specs:
         raise ValueError(f"the {kind} string is empty; e.g. use {example!r}.")
     ops = []
     for spec in specs:
         name, args, kwargs = parse_call(spec, kind)
+        if name in elsewhere:
+            raise ValueError(f"{spec!r} in {pp!r} is not a {kind} op: put it in {elsewhere[name]}.")
         if name not in factories:
             raise ValueError(f"unknown {kind} op {name!r} in {pp!r}; known ops: {', '.join(sorted(factories))}.")
         try:

@@ -7,12 +7,15 @@ its seed, never on thread scheduling or on what ran before.
 """
 from typing import Callable
 
+from shunted_jax.data import device_ops
 from shunted_jax.data.pp_syntax import parse_ops
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
 
 Op = Callable[[dict, "tf.Tensor"], dict]
+DEVICE_OP_ADVICE = (f"the device ops, data.device_pp_train (e.g. {device_ops.TRAIN_PP!r}), after a uint8 host "
+                    "string such as data.config.HOST_PP_TRAIN")
 _FACTORIES: dict[str, Callable[..., Op]] = {}
 
 
@@ -33,8 +36,10 @@ def registered_names() -> list[str]:
 
 
 def parse(pp: str) -> list[tuple[str, Op]]:
-    """Turns a "|"-separated preprocessing string into named ops; unknown names fail here, early."""
-    return parse_ops(pp, _FACTORIES, "preprocessing", "decode|resize(224)|value_range(0,1)")
+    """Turns a "|"-separated preprocessing string into named ops; unknown names fail here, early,
+    and a device op (RandAugment, random erasing) says where it goes."""
+    device_only = {name: DEVICE_OP_ADVICE for name in device_ops.OPS if name not in _FACTORIES}
+    return parse_ops(pp, _FACTORIES, "preprocessing", "decode|resize(224)|value_range(0,1)", device_only)
 
 
 def build(pp: str) -> Callable[[dict, "tf.Tensor"], dict]:
