@@ -178,8 +178,8 @@ def apply_device_pp(pp: str, images, base_key, step_number):
     if images.dtype != jnp.uint8:
         raise ValueError(
             f"the device pp {pp!r} takes uint8 images, but the batch is {images.dtype}: its host pp "
-            "already gives finished float images (data.synthetic_dtype='float32', or a full host string "
-            "such as FULL_HOST_PP_TRAIN). Use a uint8 host string (data.config.HOST_PP_*) or set the "
+            "already gives finished float images (data.synthetic_dtype='float32', or a host string "
+            "ending in value_range/normalize). Use a uint8 host string (data.config.HOST_PP_*) or set the "
             "device pp to '' (data.device_pp_train='' or evals.NAME.device_pp='').")
     keys = device_ops.example_keys(base_key, step_number, jnp.arange(images.shape[0]))
     return device_ops.build(pp)(images, keys)
