@@ -217,3 +217,37 @@ def test_eval_on_read_only_storage_skips_a_damaged_latest_checkpoint(trained, tm
     assert "checkpoint step 6 " in result.stderr and "cannot be restored" in result.stderr
     assert "eval at step 4" in result.stderr and "read-only" in result.stderr
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("fault", ["deleted", "replaced"])
+def test_metrics_records_survive_a_deleted_or_replaced_file(tmp_path, caplog, fault):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    writer.write("train", 1, {"loss": 1.0})
+    path = tmp_path / "metrics.jsonl"
+    path.unlink()
+    if fault == "replaced":
+        path.write_text('{"kind": "note", "step": 0}\n')
+    with caplog.at_level(logging.WARNING):
+        writer.write("train", 2, {"loss": 2.0})
+        writer.write("train", 3, {"loss": 3.0})
+    writer.close()
+    assert [r["step"] for r in metrics.read_metrics(path) if r["kind"] == "train"] == [2, 3]
+    warnings = [r.getMessage() for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+
+
+def test_metrics_that_cannot_be_written_stop_with_one_error(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(console.RunError, match=r"writing .*metrics.jsonl failed: IsADirectoryError"):
+        writer.write("train", 1, {"loss": 1.0})
+
+
+def test_a_run_whose_metrics_cannot_be_written_stops_before_training_with_one_line(tmp_path):
+    workdir = tmp_path / "w"
+    (workdir / "metrics.jsonl").mkdir(parents=True)
+    result = run_train(workdir, *STEPS, check=False)
+    last = error_line(result)
+    assert last.startswith(f"error: writing {workdir / 'metrics.jsonl'} failed: IsADirectoryError")
+    assert "Traceback" not in result.stderr and checkpoint_steps(workdir) == []

@@ -5,6 +5,8 @@ import sys
 
 from absl import logging
 
+from shunted_jax.train.console import RunError, short_cause
+
 
 def _import_tensorboardx():
     """tensorboardX, imported without PyTorch.
@@ -34,36 +36,60 @@ def _tensorboard_writer(directory: pathlib.Path):
     return tensorboardX.SummaryWriter(str(directory))
 
 
+class MetricsWriteError(RunError):
+    """metrics.jsonl cannot be written: the run stops rather than go on without its records."""
+
+
 class MetricsWriter:
     """Writes records {"kind": "train"|"eval", "step": int, ...scalars} on the chief process only.
 
     After a resume, steps since the last checkpoint are written again: readers keep the last
-    record per (kind, step).
+    record per (kind, step). metrics.jsonl is opened, appended to and closed at every record, so a
+    file deleted or replaced during the run gets the later records (with one warning); a file that
+    cannot be written stops the run with a MetricsWriteError, from the start if it cannot be opened.
     """
 
     def __init__(self, workdir, enabled: bool):
         self.enabled = enabled
-        self._jsonl = None
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self._written = None
         self._tensorboard = None
         if enabled:
-            workdir = pathlib.Path(workdir)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tensorboard = _tensorboard_writer(workdir / "tensorboard")
+            self._append("")
+            self._tensorboard = _tensorboard_writer(pathlib.Path(workdir) / "tensorboard")
+
+    def _state(self):
+        """The file the path names now, as (device, inode, size), or None when there is none."""
+        try:
+            status = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino, status.st_size
+
+    def _append(self, text: str) -> None:
+        try:
+            now = self._state()
+            if self._written is not None and (now is None or now[:2] != self._written[:2] or now[2] < self._written[2]):
+                logging.warning("%s was deleted or replaced during the run: the records from now on are appended "
+                                "to the file now there", self.path)
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(text)
+            self._written = self._state()
+        except OSError as error:
+            raise MetricsWriteError(f"writing {self.path} failed: {short_cause(error)}. Fix the storage and rerun: "
+                                    "it resumes from the last checkpoint") from error
 
     def write(self, kind: str, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"kind": kind, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._append(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for name, value in metrics.items():
                 self._tensorboard.add_scalar(f"{kind}/{name}", float(value), int(step))
             self._tensorboard.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
