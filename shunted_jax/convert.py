@@ -10,6 +10,7 @@ silently dropped except BatchNorm's `num_batches_tracked` counters.
 import argparse
 import json
 import pathlib
+import sys
 from typing import Dict, Iterator, Mapping, Tuple
 
 import jax
@@ -149,32 +150,61 @@ def _raise_on_mismatch(name, missing, unexpected, misshaped):
         raise CheckpointMismatchError(f"The checkpoint does not match {name!r}:\n" + "\n".join(problems))
 
 
+class UnreadableCheckpointError(ValueError):
+    """The checkpoint file exists but cannot be read in its format; the message names it and why."""
+
+
 def read_state_dict(path) -> Dict[str, np.ndarray]:
-    """Read a released checkpoint: .pth/.pt/.bin (needs PyTorch), .npz or .safetensors (no PyTorch)."""
+    """Read a released checkpoint: .pth/.pt/.bin (needs PyTorch), .npz or .safetensors (no PyTorch).
+
+    A file that its format's reader refuses (empty, truncated, another format) raises
+    UnreadableCheckpointError naming the file and the reader's complaint.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    if path.suffix not in (".npz", ".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth/.pt/.bin, .npz or .safetensors.")
+    reader = {".npz": _read_npz, ".safetensors": _read_safetensors}.get(path.suffix, _read_torch)
+    try:
+        return reader(path)
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each format's reader fails in its own way
+        raise _unreadable(f"{path} ({path.stat().st_size:,} bytes) is not a readable {path.suffix} checkpoint",
+                          error) from error
 
-        return load_file(str(path))
-    if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
-                "(or convert it to .safetensors/.npz elsewhere)."
-            ) from e
-        # The official main.py also stores its argparse.Namespace: allow exactly that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                for k, v in _unwrap_torch(raw).items() if isinstance(v, torch.Tensor)}
-    raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth/.pt/.bin, .npz or .safetensors.")
+
+def _unreadable(what: str, error: Exception) -> UnreadableCheckpointError:
+    """`what` is wrong, and the first line of the reader's own complaint."""
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return UnreadableCheckpointError(f"{what}: {type(error).__name__}: {reason}")
+
+
+def _read_npz(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _read_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _read_torch(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
+            "(or convert it to .safetensors/.npz elsewhere)."
+        ) from e
+    # The official main.py also stores its argparse.Namespace: allow exactly that class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in _unwrap_torch(raw).items() if isinstance(v, torch.Tensor)}
 
 
 def save_variables(variables: dict, out_dir, model_name: str) -> pathlib.Path:
@@ -198,11 +228,17 @@ def load_variables(path, expected_model: str = None) -> dict:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a converted checkpoint (no model.json): run "
                                 "`python -m shunted_jax.convert --model NAME CKPT OUT` first.")
-    saved_model = json.loads(meta_file.read_text())["model"]
+    try:
+        saved_model = json.loads(meta_file.read_text())["model"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise _unreadable(f"{meta_file} is not the model.json of a converted checkpoint", error) from error
     if expected_model is not None and saved_model != expected_model:
         raise CheckpointMismatchError(f"{path} holds a {saved_model!r} checkpoint, not {expected_model!r}.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path / "variables")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "variables")
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore fail in many ways on damaged files
+        raise _unreadable(f"{path / 'variables'} cannot be restored", error) from error
     return jax.tree_util.tree_map(np.asarray, restored)
 
 
@@ -212,7 +248,10 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="official .pth, .npz or .safetensors file")
     parser.add_argument("out", help="directory to write the converted checkpoint to")
     args = parser.parse_args(argv)
-    variables = torch_to_flax(read_state_dict(args.checkpoint), args.model)
+    try:
+        variables = torch_to_flax(read_state_dict(args.checkpoint), args.model)
+    except (OSError, ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
     out = save_variables(variables, args.out, args.model)
     count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
     print(f"Converted {args.model} ({count:,} parameters) to {out}")

@@ -1,5 +1,7 @@
 """train_iterator / eval_iterator on synthetic data and on the Fashion-MNIST demo (a real tfds dataset)."""
 import collections
+import gzip
+import pathlib
 import subprocess
 import sys
 import traceback
@@ -10,6 +12,7 @@ from helpers.data import demo_data_dir, small_config  # noqa: F401  (demo_data_d
 
 from shunted_jax import data
 from shunted_jax.data import config, pipeline, registry
+from shunted_jax.data.fashion_mnist_demo import DEBIAN_DIR, read_idx
 from shunted_jax.data.sources import DatasetNotPreparedError
 from shunted_jax.data.tf_import import tensorflow, tensorflow_datasets
 
@@ -227,3 +230,19 @@ def test_an_unknown_dataset_name_is_one_short_error(tmp_path):
     assert all(name in message for name in (config.DEMO_NAME, config.SYNTHETIC_NAME, "folder:", "tfds.list_builders()"))
     shown = "".join(traceback.format_exception(err.value))
     assert "cifar10" not in shown, "tfds' list of every dataset reaches the user"
+
+
+@pytest.mark.parametrize("damage", ["empty", "not gzip", "truncated data", "cut gzip"])
+def test_a_damaged_demo_file_is_named_with_what_is_wrong(tmp_path, damage):
+    source = pathlib.Path(DEBIAN_DIR) / "t10k-labels-idx1-ubyte.gz"
+    broken = tmp_path / source.name
+    if damage == "empty":
+        broken.write_bytes(b"")
+    elif damage == "not gzip":
+        broken.write_bytes(b"plain text")
+    elif damage == "truncated data":
+        broken.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[:500]))
+    else:
+        broken.write_bytes(source.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=f"^{broken} .*(truncated|not a readable gzip|no IDX header)"):
+        read_idx(str(broken))
