@@ -139,7 +139,7 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
         loop.train_and_evaluate(config, tmp_path / "batch")
     config = small_config()
     config.model.name = "shunted_xl"
-    with pytest.raises(ValueError, match="Unknown model 'shunted_xl'"):
+    with pytest.raises(loop.ConfigError, match="config.model.name='shunted_xl' is not a model"):
         loop.train_and_evaluate(config, tmp_path / "model")
     (tmp_path / "file").write_text("")
     with pytest.raises(workdirs.WorkdirError, match="which is a file"):
@@ -151,10 +151,10 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("global_batch_size", 0, "global_batch_size=0 must be at least 1"),
-    ("eval_batch_size", -1, "eval_batch_size=-1 must be at least 1"),
+    ("global_batch_size", 0, "global_batch_size=0 is out of range; valid: >= 1"),
+    ("eval_batch_size", -1, "eval_batch_size=-1 is out of range; valid: >= 1"),
     ("num_epochs", 0.0, "num_epochs=0.0 trains nothing"),
-    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 must be at least 1"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 is out of range; valid: >= 1"),
 ])
 def test_values_that_cannot_run_fail_before_anything_is_built(tmp_path, field, value, message):
     config = small_config()

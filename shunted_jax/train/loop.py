@@ -13,31 +13,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import (checkpoint, compilation_cache, evaluators, finetune, metrics, optim, prefetch,
-                               step, workdirs)
+from shunted_jax.train import (checkpoint, compilation_cache, config_check, evaluators, finetune, metrics, optim,
+                               prefetch, step, workdirs)
+from shunted_jax.train.config_check import ConfigError
 from shunted_jax.train.console import RunError
 
 
 class NonFiniteLossError(RunError, FloatingPointError):
     """The loss became NaN or infinite; the last checkpoint before it is kept, the bad state is not saved."""
-
-
-class ConfigError(RunError, ValueError):
-    """A config value that cannot run; the message says which and what to set instead."""
-
-
-def check_config(config) -> None:
-    """Refuses, before anything is built, the values that would crash later or silently do
-    something else than asked."""
-    for name in ("global_batch_size", "eval_batch_size", "accumulation_steps", "log_every_steps"):
-        if config[name] < 1:
-            raise ConfigError(f"config.{name}={config[name]} must be at least 1")
-    for name in ("every_steps", "keep"):
-        if config.checkpoint[name] < 1:
-            raise ConfigError(f"config.checkpoint.{name}={config.checkpoint[name]} must be at least 1")
-    if config.num_train_steps < 0 and config.num_epochs <= 0:
-        raise ConfigError(f"config.num_epochs={config.num_epochs} trains nothing: give a positive number of "
-                          "epochs, or config.num_train_steps (0 only evaluates)")
 
 
 def initialize_distributed(distributed_config) -> None:
@@ -112,7 +95,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     (`compilation_cache.compiled_step`). Its key sees this package's files, not code defined or
     patched at run time, as in a notebook: callers that change code so leave it off.
     """
-    check_config(config)
+    config_check.check(config)
     initialize_distributed(config.distributed)
     compilation_cache.enable(config.compilation_cache_dir)
     if eval_only:
