@@ -24,8 +24,9 @@ EVAL_SPLIT_CANDIDATES = ("validation", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
-class DatasetNotPreparedError(RuntimeError):
-    """The dataset has to be prepared once before training; the message says how."""
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset's prepared files are missing: it has to be prepared once before training; the
+    message says how."""
 
 
 def _deterministic_options():

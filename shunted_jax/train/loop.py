@@ -44,33 +44,43 @@ def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_ste
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a request to save and stop at the next step boundary.
+    """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a request to save and stop at the next step
+    boundary; a second Ctrl-C stops at once (KeyboardInterrupt), without saving.
 
     With several processes all must stop at the same step, so JAX's preemption sync point decides
     instead; its coordination service catches SIGTERM itself, so no Python handler is installed.
     """
+    REASONS = {signal.SIGTERM: "preemption requested", signal.SIGINT: "interrupted (Ctrl-C)"}
 
     def __init__(self):
-        self._signalled = False
-        self._previous = None
+        self.reason = None
+        self._interrupted = False
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.REASONS}
         return self
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
         return False
 
-    def _on_sigterm(self, signum, frame):
-        self._signalled = True
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            logging.warning("Ctrl-C: stopping once this step is done and saved; Ctrl-C again stops at once, "
+                            "without saving")
+        self.reason = self.reason or self.REASONS[signum]
 
     def requested(self, step_number: int) -> bool:
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step_number)
-        return self._signalled
+            if multihost_utils.reached_preemption_sync_point(step_number):
+                self.reason = self.REASONS[signal.SIGTERM]
+        return self.reason is not None
 
 
 def read_checked(pending: list) -> dict:
@@ -186,7 +196,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                 if save_now:
                     saving = checkpoint.save(manager, train_state, model_meta)
                 if preempted:
-                    logging.info("preemption requested: saved step %d and stopping", step_number)
+                    logging.info("%s: saved step %d and stopping", preemption.reason, step_number)
                     return {}
                 results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
         return results
