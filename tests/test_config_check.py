@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from shunted_jax import config_ranges
+from shunted_jax.data import config as data_config
 from shunted_jax.train import config_check, load_config_file, loop
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -21,7 +23,12 @@ def demo_config():
     return config
 
 
-def out_of_range(valid: config_check.Range, current):
+# Every range a training config is checked against: its own and its (synthetic) data section's.
+ALL_RANGES = {**config_check.RANGES,
+              **{f"data.{name}": valid for name, valid in {**data_config.RANGES, **data_config.SYNTHETIC_RANGES}.items()}}
+
+
+def out_of_range(valid: config_ranges.Range, current):
     """A value of `current`'s type just outside `valid`."""
     if valid.low is not None:
         value = valid.low - (0 if valid.open_low else 1) - (1 if valid.special and valid.low - 1 in valid.special else 0)
@@ -30,14 +37,14 @@ def out_of_range(valid: config_check.Range, current):
     return type(current)(value)
 
 
-@pytest.mark.parametrize("field", sorted(config_check.RANGES))
+@pytest.mark.parametrize("field", sorted(ALL_RANGES))
 def test_each_field_out_of_range_is_named_with_its_value_and_range(field):
     config = demo_config()
-    value = out_of_range(config_check.RANGES[field], config_check.field_value(config, field))
+    value = out_of_range(ALL_RANGES[field], config_ranges.field_value(config, field))
     config.update_from_flattened_dict({field: value})
     with pytest.raises(config_check.ConfigError) as error:
         config_check.check(config)
-    assert str(error.value) == f"config.{field}={value!r} is out of range; valid: {config_check.RANGES[field]}"
+    assert str(error.value) == f"config.{field}={value!r} is out of range; valid: {ALL_RANGES[field]}"
 
 
 def test_every_bad_field_is_one_line_and_a_negative_learning_rate_stops_before_anything_is_built(tmp_path):
@@ -96,8 +103,8 @@ NOT_FIELDS = {"model.json", "data.config.HOST_PP_"}
 
 
 def message_texts(tree) -> list[str]:
-    """The strings of raise statements and of warning/error/exit calls; an f-string's
-    replacement fields become {}."""
+    """The strings of raise statements, of exceptions made and of warning/error/exit calls; an
+    f-string's replacement fields become {}."""
     def text(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value
@@ -105,9 +112,11 @@ def message_texts(tree) -> list[str]:
             return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
         return None
 
-    roots = [node for node in ast.walk(tree) if isinstance(node, ast.Raise) or (
-        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and node.func.attr in ("warning", "error", "exception", "exit"))]
+    def called(node) -> str:
+        return getattr(node.func, "attr", getattr(node.func, "id", "")) if isinstance(node, ast.Call) else ""
+
+    roots = [node for node in ast.walk(tree) if isinstance(node, ast.Raise)
+             or called(node) in ("warning", "error", "exception", "exit") or called(node).endswith("Error")]
     return [t for root in roots for node in ast.walk(root) if (t := text(node)) is not None]
 
 
@@ -143,4 +152,4 @@ def test_error_messages_name_only_fields_the_training_configs_have():
                     named.append((path.relative_to(REPO), field))
     unknown = [f"{path}: {field}" for path, field in named if field not in fields]
     assert named and not unknown, unknown
-    assert {field for _, field in named} >= {"data.name", "evals.{}.split"}
+    assert {field for _, field in named} >= {"data.name", "evals.NAME.split", "data.holdout_fraction"}

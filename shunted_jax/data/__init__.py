@@ -21,9 +21,11 @@ __all__ = ["DatasetInfo", "dataset_info", "default_config", "eval_iterator", "st
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset's sizes; num_eval_examples is None when an empty eval_split finds no split to
+    evaluate on (training needs none; evaluating then fails, saying how to choose one)."""
     num_classes: int
     num_train_examples: int
-    num_eval_examples: int
+    num_eval_examples: int | None
     image_size: int
 
 
@@ -31,8 +33,10 @@ def _is_synthetic(cfg) -> bool:
     return cfg.name == _config.SYNTHETIC_NAME
 
 
-def dataset_info(cfg) -> DatasetInfo:
-    """Sizes of the dataset cfg names; builds the demo dataset on first use."""
+def dataset_info(cfg, require_eval_split: bool = False) -> DatasetInfo:
+    """Sizes of the dataset cfg names; builds the demo dataset on first use. With
+    `require_eval_split`, a dataset with no split to evaluate on raises the ValueError saying how
+    to choose one."""
     cfg = with_defaults(cfg)
     _config.validate(cfg)
     if _is_synthetic(cfg):
@@ -40,6 +44,8 @@ def dataset_info(cfg) -> DatasetInfo:
     from shunted_jax.data.sources import make_source
 
     source = make_source(cfg)
+    if require_eval_split:
+        source.require_eval_split()
     return DatasetInfo(source.num_classes, source.num_train, source.num_eval, int(cfg.image_size))
 
 

@@ -147,7 +147,8 @@ def _padding(element_spec: dict, count: int):
     if not all(shape.is_fully_defined() for shape in shapes.values()):
         raise ValueError(
             f"the evaluation preprocessing gives images of unknown shape {shapes['image']}; "
-            "end data.pp_eval with a fixed-size op such as center_crop(SIZE) or resize(SIZE)."
+            "end the evaluation preprocessing string (evals.NAME.pp in a training config, pp_eval in a data "
+            "config) with a fixed-size op such as center_crop(SIZE) or resize(SIZE)."
         )
     zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
     zeros["mask"] = tf.constant(False)

@@ -4,10 +4,8 @@ Every numeric field with a valid range, the model, the data, the op strings and 
 options: each bad field is one line of the ConfigError, naming the field, its value and what it
 takes, so that one run shows every mistake at once.
 """
-import dataclasses
-import math
-
 from shunted_jax import data, models
+from shunted_jax.config_ranges import AT_LEAST_ONE, BELOW_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Range, out_of_range
 from shunted_jax.data import config as data_config
 from shunted_jax.train import step
 from shunted_jax.train.console import RunError
@@ -17,44 +15,8 @@ class ConfigError(RunError, ValueError):
     """Config values that cannot run; one line per bad field, naming it, its value and what it takes."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """Numbers from `low` to `high` (None: unbounded), each bound included unless `open_low` /
-    `open_high`, and the values of `special` (e.g. -1 meaning "all" or "automatic")."""
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-    open_high: bool = False
-    special: tuple = ()
-
-    def holds(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if value in self.special:
-            return True
-        if math.isnan(value):
-            return False
-        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
-        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None:
-            span = f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
-        elif self.low is not None:
-            span = f"{'>' if self.open_low else '>='} {self.low:g}"
-        else:
-            span = f"{'<' if self.open_high else '<='} {self.high:g}"
-        return " or ".join([*(f"{value:g}" for value in self.special), span])
-
-
-AT_LEAST_ONE = Range(1)
-POSITIVE = Range(0, open_low=True)
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1)
-BELOW_ONE = Range(0, 1, open_high=True)
-
-# Fields absent from a config (another model family's fields) are skipped.
+# Fields absent from a config (another model family's fields) are skipped; the data section's are
+# data.config.RANGES, checked with the rest of it by data.config.problems.
 RANGES = {
     "global_batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE, "accumulation_steps": AT_LEAST_ONE,
     "num_train_steps": Range(0, special=(-1,)), "log_every_steps": AT_LEAST_ONE, "prefetch_to_device": AT_LEAST_ONE,
@@ -66,35 +28,18 @@ RANGES = {
     "mixup.mixup_alpha": NON_NEGATIVE, "mixup.cutmix_alpha": NON_NEGATIVE, "mixup.prob": FRACTION,
     "mixup.switch_prob": FRACTION,
     "model.drop_path_rate": BELOW_ONE, "model.scan_unroll": AT_LEAST_ONE,
-    "data.image_size": AT_LEAST_ONE, "data.repeated_aug": AT_LEAST_ONE, "data.shuffle_buffer": AT_LEAST_ONE,
-    "data.seed": NON_NEGATIVE, "data.prefetch": Range(0, special=(-1,)),
-    "data.num_parallel_calls": Range(1, special=(-1,)), "data.holdout_fraction": BELOW_ONE,
     "checkpoint.every_steps": AT_LEAST_ONE, "checkpoint.keep": AT_LEAST_ONE,
     "mesh.data": Range(1, special=(-1,)), "mesh.fsdp": AT_LEAST_ONE,
     "distributed.num_processes": AT_LEAST_ONE, "distributed.process_id": NON_NEGATIVE,
 }
 
 
-def field_value(config, dotted: str):
-    """config's field at a dotted path, or KeyError when the config has none there."""
-    value = config
-    for part in dotted.split("."):
-        if part not in value:
-            raise KeyError(dotted)
-        value = value[part]
-    return value
-
-
 def range_problems(config) -> list[str]:
-    """One line per field of RANGES (and per evaluator period) outside its range."""
-    problems = []
-    for name, valid in RANGES.items():
-        try:
-            value = field_value(config, name)
-        except KeyError:
-            continue
-        if not valid.holds(value):
-            problems.append(f"config.{name}={value!r} is out of range; valid: {valid}")
+    """One line per field outside its range: those of RANGES, the data section's, the duration and
+    the evaluators' periods."""
+    problems = out_of_range(config, RANGES, "config.")
+    problems += [f"config.{line}" if line.startswith("data.") else line
+                 for line in data_config.problems(data.with_defaults(config.data))]
     if config.num_train_steps < 0 and not POSITIVE.holds(config.num_epochs):
         problems.append(f"config.num_epochs={config.num_epochs!r} trains nothing: give a positive number of epochs, "
                         "or config.num_train_steps (0 only evaluates)")
@@ -156,10 +101,6 @@ def _other_problems(config) -> list[str]:
         step.parse_compiler_options(config.compiler_options)
     except ValueError as error:
         problems.append(f"config.compiler_options={config.compiler_options!r}: {error}")
-    try:
-        data_config.validate(data.with_defaults(config.data))
-    except ValueError as error:
-        problems.append(f"config.{error}" if str(error).startswith("data.") else str(error))
     distributed = config.distributed
     if distributed.coordinator_address and not 0 <= distributed.process_id < distributed.num_processes:
         problems.append(f"config.distributed.process_id={distributed.process_id} is out of range; valid: "

@@ -43,6 +43,16 @@ def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_ste
                          "process(es))")
 
 
+def check_evaluation_splits(config) -> None:
+    """Every evaluator has a split to read (an empty split finds the dataset's own), before anything
+    is compiled rather than at the first evaluation."""
+    for name in config.evals:
+        try:
+            data.dataset_info(evaluators.eval_data_config(config, name), require_eval_split=True)
+        except ValueError as error:
+            raise ConfigError(f"config.evals.{name}: {error}") from error
+
+
 class PreemptionWatcher(contextlib.AbstractContextManager):
     """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a request to save and stop at the next step
     boundary; a second Ctrl-C stops at once (KeyboardInterrupt), without saving.
@@ -121,6 +131,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
 
         info = data.dataset_info(config.data)
+        check_evaluation_splits(config)
         steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
                                                jax.process_count())
         total_steps = optim.total_train_steps(config, steps_per_epoch)
