@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state: asynchronous, atomic, kept K deep, restorable onto any mesh.
 
-Each checkpoint has two items: "state" (the TrainState; its step is also the data position) and
-"meta" (JSON: the model config, to refuse restoring into a different model).
+Each checkpoint has two items: "state" (the TrainState) and "meta" (JSON: the model config, to
+refuse restoring into a different model, and where the data stream stands, train.resume).
 
 Faults: a save that fails in the background is reported at the first step after it failed (the loop
 polls `check_save`), its partial temporary directory removed; a checkpoint that no longer restores
@@ -130,6 +130,11 @@ def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=N
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
+def load_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON saved beside the state of `step` (`save`'s meta)."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, step: int | None = None):
     """Restores the latest (or given) step into `abstract_state`'s shardings.
 
@@ -137,8 +142,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, model_meta: dict, st
     another model (fields in EXECUTION_FIELDS may differ).
     """
     step = manager.latest_step() if step is None else step
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    written, expected = _architecture(meta["model"]), _architecture(model_meta["model"])
+    written, expected = _architecture(load_meta(manager, step)["model"]), _architecture(model_meta["model"])
     if written != expected:
         raise CheckpointMismatchError(
             f"checkpoint {manager.directory}/{step} was written for another model "

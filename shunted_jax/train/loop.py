@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from shunted_jax import data
 from shunted_jax.train import (checkpoint, compilation_cache, config_check, evaluators, finetune, metrics, optim,
-                               prefetch, step, workdirs)
+                               prefetch, resume, step, workdirs)
 from shunted_jax.train.config_check import ConfigError
 from shunted_jax.train.console import RunError
 
@@ -123,8 +123,10 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     else:
         workdir = workdirs.prepare_for_training(workdir)
     with contextlib.ExitStack() as cleanup:
+        changes = {}
         if not eval_only:
             cleanup.enter_context(workdirs.hold(workdir))
+            changes = resume.check_config(workdir, config)
         mesh = step.make_mesh(config.mesh)
         check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
                          "global_batch_size")
@@ -164,14 +166,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         if eval_only:
             return evaluators.run_all(evals, train_state, writer, start, total_steps, force=True)
         cleanup.callback(checkpoint.wait_for_saves, manager)  # before the manager closes
+        resume.record_config(workdir, config, changes, start, writer)
 
         if start >= total_steps:
             logging.info("the run is complete: step %d of %d", start, total_steps)
             return evaluate_once(evals, train_state, writer, workdir, start)
 
+        position = resume.stream_start(manager, start, steps_per_epoch, config.global_batch_size)
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                      start_step=start)
+                                      start=position)
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         cleanup.callback(batches.close)
@@ -205,7 +209,8 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                     logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
                                                        images_per_second, seconds_per_step))
                 if save_now:
-                    saving = checkpoint.save(manager, train_state, model_meta)
+                    saving = checkpoint.save(manager, train_state, resume.checkpoint_meta(model_meta, position.advanced(
+                        step_number - start, steps_per_epoch, config.global_batch_size)))
                 if preempted:
                     logging.info("%s: saved step %d and stopping", preemption.reason, step_number)
                     return {}

@@ -89,6 +89,11 @@ class MetricsWriter:
                 self._tensorboard.add_scalar(f"{kind}/{name}", float(value), int(step))
             self._tensorboard.flush()
 
+    def note(self, kind: str, step: int, details: dict) -> None:
+        """A record of something that happened to the run (JSON values, not scalars), in metrics.jsonl only."""
+        if self.enabled:
+            self._append(json.dumps({"kind": kind, "step": int(step), **details}) + "\n")
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
