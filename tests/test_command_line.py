@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from helpers.processes import REPO, checkpoint_steps, run_train, start_train, wait_for_line
+from helpers.processes import LONG_RUN, REPO, run_train, start_train, stop_mid_run, wait_for_line
 from shunted_jax.train import command_line, console
 
 DEMO = f"--config={REPO / 'configs' / 'shunted_t.py'}:demo"
@@ -101,19 +101,12 @@ def test_train_py_ends_bad_input_with_one_line(tmp_path, flag, last_line):
 
 
 def test_ctrl_c_during_training_saves_and_stops_like_sigterm_and_before_it_stops_in_one_line(tmp_path):
-    flags_ = ("--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
-    process = start_train(tmp_path, *flags_)
-    wait_for_line(process, "step 3/100000")
-    process.send_signal(signal.SIGINT)
-    lines = wait_for_line(process, "interrupted (Ctrl-C): saved step")
-    assert process.wait() == 0
-    saved_step = int(lines[-1].split("saved step ")[1].split()[0])
-    assert 3 <= saved_step < 100000 and checkpoint_steps(tmp_path) == [saved_step]
+    _, lines = stop_mid_run(tmp_path, signal.SIGINT, "interrupted (Ctrl-C): saved step")
     assert any("Ctrl-C again stops at once" in line for line in lines)
 
     # Interrupted while it sets up again (restoring, building the iterator, compiling): one line,
     # or, once its first step has begun, saved as above.
-    restarted = start_train(tmp_path, *flags_)
+    restarted = start_train(tmp_path, *LONG_RUN)
     wait_for_line(restarted, "resumed from")
     restarted.send_signal(signal.SIGINT)
     rest = restarted.stderr.read()

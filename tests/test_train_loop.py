@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common, shunted_t  # noqa: E402
-from helpers.processes import (checkpoint_steps, run_train, start_train, subprocess_env,  # noqa: E402
+from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run, subprocess_env,  # noqa: E402
                                train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402
@@ -77,13 +77,7 @@ def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_pa
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    process = start_train(tmp_path, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
-    wait_for_line(process, "step 3/100000")
-    process.send_signal(signal.SIGTERM)
-    lines = wait_for_line(process, "preemption requested")
-    assert process.wait() == 0
-    saved_step = int(lines[-1].split("saved step ")[1].split()[0])
-    assert 3 <= saved_step < 100000 and checkpoint_steps(tmp_path) == [saved_step]
+    stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step")
 
 
 def test_eval_mode_reproduces_the_final_evaluation(straight_run):
@@ -222,7 +216,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     real_iterator = data.train_iterator
 
     def poisoned(*args, **kwargs):
-        for index, batch in enumerate(real_iterator(*args, **kwargs), start=kwargs["start_step"] + 1):
+        for index, batch in enumerate(real_iterator(*args, **kwargs), start=1):  # a fresh run: step 1 first
             if index == 3:
                 batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
             yield batch
