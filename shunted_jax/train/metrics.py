@@ -77,7 +77,7 @@ class MetricsWriter:
             self._written = self._state()
         except OSError as error:
             raise MetricsWriteError(f"writing {self.path} failed: {short_cause(error)}. Fix the storage and rerun: "
-                                    "it resumes from the last checkpoint") from error
+                                    "it resumes from the last checkpoint, if there is one") from error
 
     def write(self, kind: str, step: int, metrics: dict) -> None:
         if not self.enabled:

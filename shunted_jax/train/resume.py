@@ -26,8 +26,8 @@ from shunted_jax.train.console import RunError
 RECORD_NAME = "config.json"
 CHANGE_KIND = "config_change"  # the kind of metrics.jsonl's record of an allowed change
 STREAM_KEY = "stream"  # the checkpoint meta's data position
-# Fields that change how a run is carried out, observed or stored, not what it computes; a field
-# and everything under it (dotted prefixes).
+# Fields not compared, each with everything under it: the model's, which the checkpoint compares
+# itself, and those that change how a run is carried out, observed or stored, not what it computes.
 FREE_FIELDS = ("model", "evals", "eval_batch_size", "log_every_steps", "checkpoint", "compilation_cache_dir",
                "prefetch_to_device", "mesh", "distributed", "compiler_options", "init_from", "allow_config_change",
                "data.data_dir", "data.manual_dir", "data.prefetch", "data.num_parallel_calls",
