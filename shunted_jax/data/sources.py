@@ -86,7 +86,20 @@ def unknown_name_message(name: str) -> str:
     )
 
 
-class TfdsSource:
+class _Source:
+    """What the sources share: `num_eval` is None when there is no split to evaluate on, and
+    `_no_eval_split` the ValueError that says how to choose one."""
+
+    num_eval: int | None
+    _no_eval_split: ValueError
+
+    def require_eval_split(self) -> None:
+        """Raises the ValueError that says how to choose an evaluation split when there is none."""
+        if self.num_eval is None:
+            raise self._no_eval_split
+
+
+class TfdsSource(_Source):
     """A tfds image-classification dataset read with per-process splits."""
 
     def __init__(self, cfg):
@@ -125,11 +138,6 @@ class TfdsSource:
         """This process's share of the training split, file order and examples shuffled by the seed."""
         split = tfds.split_for_jax_process(self.train_split, process_index=process_index, process_count=process_count)
         return self._read(split, shuffle_seed).shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-
-    def require_eval_split(self) -> None:
-        """Raises the ValueError that says how to choose an evaluation split when there is none."""
-        if self.num_eval is None:
-            raise self._no_eval_split
 
     def _eval_splits(self, process_count: int):
         self.require_eval_split()
@@ -252,7 +260,7 @@ def hold_out(split: _FolderSplit, fraction: float) -> tuple[_FolderSplit, _Folde
     return (_FolderSplit(split.paths[~held], split.labels[~held]), _FolderSplit(split.paths[held], split.labels[held]))
 
 
-class FolderSource:
+class FolderSource(_Source):
     """Images in ROOT/<split>/<class>/<file>; the classes are the sorted sub-folders of the training
     split. With data.holdout_fraction > 0, that fraction of each training class (`hold_out`) is
     not trained on and forms the split "holdout"."""
@@ -302,8 +310,6 @@ class FolderSource:
         paths, labels = self.train.paths[process_index::process_count], self.train.labels[process_index::process_count]
         order = np.random.default_rng(shuffle_seed).permutation(len(paths))
         return self._read(paths[order], labels[order])
-
-    require_eval_split = TfdsSource.require_eval_split
 
     def _eval_split(self) -> _FolderSplit:
         self.require_eval_split()
