@@ -296,3 +296,14 @@ def test_an_allowed_change_is_recorded_and_the_data_goes_on_from_the_next_unseen
     assert checkpoint.load_meta(manager, 6)["stream"] == {"epoch": 0, "example": 128}
     assert checkpoint.load_meta(manager, 4)["stream"] == {"epoch": 0, "example": 64}
     manager.close()
+
+
+def test_a_record_left_half_written_is_skipped_and_later_records_stay_whole(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "st')  # killed mid-write
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    writer.write("train", 2, {"loss": 2.0})
+    writer.close()
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2]
+    assert f"{path}: skipped line(s) 2, which are not metrics records" in caplog.text

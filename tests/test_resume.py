@@ -94,3 +94,11 @@ def test_a_changed_trajectory_is_refused_before_anything_is_built_unless_allowed
     (tmp_path / "checkpoints" / "4").rmdir()  # nothing to resume: any config starts afresh
     assert resume.check_config(tmp_path, config(global_batch_size=64)) == {}
     assert np.isclose(json.loads((tmp_path / "config.json").read_text())["optimizer"]["base_lr"], 8e-3)
+
+
+def test_a_damaged_config_record_is_named_with_what_to_do(tmp_path):
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / resume.RECORD_NAME).write_text('{"global_batch_size": 12')
+    with pytest.raises(resume.ConfigChangeError, match=f"{tmp_path / 'config.json'} is not a readable config record "
+                                                       r"\(.*\): restore it, or delete it"):
+        resume.check_config(tmp_path, config())

@@ -1,5 +1,6 @@
 """Where progress goes: a log line, `metrics.jsonl` (one JSON record per line) and TensorBoard."""
 import json
+import os
 import pathlib
 import sys
 
@@ -34,6 +35,14 @@ def _tensorboard_writer(directory: pathlib.Path):
         logging.warning("tensorboardX is not installed: no TensorBoard summaries, only metrics.jsonl")
         return None
     return tensorboardX.SummaryWriter(str(directory))
+
+
+def _ends_mid_line(file) -> bool:
+    """Whether a file opened for binary reading and appending is not empty and lacks a final newline."""
+    if file.seek(0, os.SEEK_END) == 0:
+        return False
+    file.seek(-1, os.SEEK_END)
+    return file.read(1) != b"\n"
 
 
 class MetricsWriteError(RunError):
@@ -72,8 +81,10 @@ class MetricsWriter:
             if self._written is not None and (now is None or now[:2] != self._written[:2] or now[2] < self._written[2]):
                 logging.warning("%s was deleted or replaced during the run: the records from now on are appended "
                                 "to the file now there", self.path)
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(text)
+            with open(self.path, "a+b") as file:
+                if _ends_mid_line(file):  # a record a killed run left half written stays on its own line
+                    text = "\n" + text
+                file.write(text.encode())
             self._written = self._state()
         except OSError as error:
             raise MetricsWriteError(f"writing {self.path} failed: {short_cause(error)}. Fix the storage and rerun: "
@@ -100,11 +111,18 @@ class MetricsWriter:
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl file, the last one per (kind, step), in step order."""
-    latest = {}
-    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        latest[(record["kind"], record["step"])] = record
+    """The records of a metrics.jsonl file, the last one per (kind, step), in step order. A line
+    that is not a record (half written by a killed run, or damaged) is skipped, with one warning
+    naming the file and the lines."""
+    latest, damaged = {}, []
+    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            latest[(record["kind"], record["step"])] = record
+        except (ValueError, KeyError, TypeError):
+            damaged.append(number)
+    if damaged:
+        logging.warning("%s: skipped line(s) %s, which are not metrics records", path, ", ".join(map(str, damaged)))
     return sorted(latest.values(), key=lambda record: (record["step"], record["kind"]))
 
 

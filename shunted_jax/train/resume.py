@@ -73,7 +73,12 @@ def check_config(workdir: pathlib.Path, config) -> dict:
     path = workdir / RECORD_NAME
     if not checkpoint.all_steps_on_disk(workdir / "checkpoints") or not path.is_file():
         return {}
-    changes = trajectory_changes(json.loads(path.read_text(encoding="utf-8")), config)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ConfigChangeError(f"{path} is not a readable config record ({error}): restore it, or delete it to "
+                                "resume without comparing configs (the run records its config again)") from error
+    changes = trajectory_changes(recorded, config)
     if changes and not config.allow_config_change:
         raise ConfigChangeError(
             f"--workdir {workdir} was trained with another config: {_listed(changes)}. Resume with the values recorded in "
