@@ -105,6 +105,8 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     # Evaluation sets by name, each logged as name/top1, ...; config.eval_batch_size for all of them.
     config.evals = ml_collections.ConfigDict({"val": evaluator(data_config.HOST_PP_EVAL)})
     config.init_from = ""  # a checkpoint converted by shunted_jax.convert, for fine-tuning
+    # A resume whose config changes the run's trajectory is refused unless this is set (train/resume.py).
+    config.allow_config_change = False
     config.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto_detect": False})
     return config

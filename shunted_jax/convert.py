@@ -11,6 +11,7 @@ Flax variable: `torch_to_flax` drops them, `flax_to_torch` writes them back from
 import argparse
 import json
 import pathlib
+import sys
 from typing import Dict, Iterator, List, Mapping, Tuple
 
 import jax
@@ -243,32 +244,61 @@ def _raise_on_mismatch(title: str, missing, unexpected, misshaped):
         raise CheckpointMismatchError(f"{title}:\n" + "\n".join(problems))
 
 
+class UnreadableCheckpointError(ValueError):
+    """The checkpoint file exists but cannot be read in its format; the message names it and why."""
+
+
 def read_state_dict(path) -> Dict[str, np.ndarray]:
-    """Read a released checkpoint: .pth/.pt/.bin (needs PyTorch), .npz or .safetensors (no PyTorch)."""
+    """Read a released checkpoint: .pth/.pt/.bin (needs PyTorch), .npz or .safetensors (no PyTorch).
+
+    A file that its format's reader refuses (empty, truncated, another format) raises
+    UnreadableCheckpointError naming the file and the reader's complaint.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    if path.suffix not in (".npz", ".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth/.pt/.bin, .npz or .safetensors.")
+    reader = {".npz": _read_npz, ".safetensors": _read_safetensors}.get(path.suffix, _read_torch)
+    try:
+        return reader(path)
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each format's reader fails in its own way
+        raise _unreadable(f"{path} ({path.stat().st_size:,} bytes) is not a readable {path.suffix} checkpoint",
+                          error) from error
 
-        return load_file(str(path))
-    if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
-                "(or convert it to .safetensors/.npz elsewhere)."
-            ) from e
-        # The official main.py also stores its argparse.Namespace: allow exactly that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                for k, v in _unwrap_torch(raw).items() if isinstance(v, torch.Tensor)}
-    raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .pth/.pt/.bin, .npz or .safetensors.")
+
+def _unreadable(what: str, error: Exception) -> UnreadableCheckpointError:
+    """`what` is wrong, and the first line of the reader's own complaint."""
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return UnreadableCheckpointError(f"{what}: {type(error).__name__}: {reason}")
+
+
+def _read_npz(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _read_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _read_torch(path: pathlib.Path) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "Reading a .pth checkpoint needs PyTorch: pip install 'shunted_jax[torch]' "
+            "(or convert it to .safetensors/.npz elsewhere)."
+        ) from e
+    # The official main.py also stores its argparse.Namespace: allow exactly that class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in _unwrap_torch(raw).items() if isinstance(v, torch.Tensor)}
 
 
 def save_variables(variables: dict, out_dir, model_name: str, num_batches_tracked: int = 0) -> pathlib.Path:
@@ -285,12 +315,18 @@ def save_variables(variables: dict, out_dir, model_name: str, num_batches_tracke
 
 
 def converted_metadata(path) -> dict:
-    """The `model.json` of a directory written by `save_variables`."""
+    """The `model.json` of a directory written by `save_variables`; a damaged one is named."""
     meta_file = pathlib.Path(path).absolute() / "model.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file.parent} is not a converted checkpoint (no model.json): run "
                                 "`python -m shunted_jax.convert --model NAME CKPT OUT` first.")
-    return json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError("it names no model")
+    except ValueError as error:
+        raise _unreadable(f"{meta_file} is not the model.json of a converted checkpoint", error) from error
+    return meta
 
 
 def load_variables(path, expected_model: str = None) -> dict:
@@ -301,8 +337,11 @@ def load_variables(path, expected_model: str = None) -> dict:
     saved_model = converted_metadata(path)["model"]
     if expected_model is not None and saved_model != expected_model:
         raise CheckpointMismatchError(f"{path} holds a {saved_model!r} checkpoint, not {expected_model!r}.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path / "variables")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "variables")
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore fail in many ways on damaged files
+        raise _unreadable(f"{path / 'variables'} cannot be restored", error) from error
     return jax.tree_util.tree_map(np.asarray, restored)
 
 
@@ -312,8 +351,11 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="official .pth, .npz or .safetensors file")
     parser.add_argument("out", help="directory to write the converted checkpoint to")
     args = parser.parse_args(argv)
-    state_dict = read_state_dict(args.checkpoint)
-    variables = torch_to_flax(state_dict, args.model)
+    try:
+        state_dict = read_state_dict(args.checkpoint)
+        variables = torch_to_flax(state_dict, args.model)
+    except (OSError, ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
     out = save_variables(variables, args.out, args.model, batches_tracked(state_dict))
     count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
     print(f"Converted {args.model} ({count:,} parameters) to {out}")

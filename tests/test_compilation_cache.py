@@ -1,6 +1,10 @@
 """The store of compiled steps: a matching key loads without tracing, any change compiles anew,
-a bad file is compiled around. (A real restart through it: test_train_loop's SIGKILL test.)"""
+a bad file is compiled around, and nothing it did not write is run. (A real restart through it:
+test_train_loop's SIGKILL test.)"""
 import logging
+import os
+import pathlib
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +55,7 @@ def on_a_permuted_mesh(x):
 def test_a_saved_step_is_loaded_without_tracing_and_computes_the_same(store, place):
     x, y = map(place, inputs())
     first = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
-    assert len(list(store.glob("step-*.pkl"))) == 1
+    assert len(list(store.glob("step-*.step"))) == 1
 
     class Untraceable:
         def lower(self, *args):
@@ -96,14 +100,14 @@ def test_the_key_changes_with_the_source_and_not_with_editors_files(tmp_path, mo
 def test_a_file_that_does_not_load_is_reported_and_replaced(store, caplog):
     x, y = inputs()
     key = compilation_cache.program_key("step", config(), (x, y))
-    (store / f"step-{key}.pkl").write_bytes(b"half a file")
+    (store / f"step-{key}.step").write_bytes(b"half a file")
     with caplog.at_level(logging.WARNING):
         compiled = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
     assert "could not load the compiled step" in caplog.text
     np.testing.assert_array_equal(compiled(x, y), scaled(x, y))
     reloaded = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
     np.testing.assert_array_equal(reloaded(x, y), scaled(x, y))
-    assert [p.name for p in store.iterdir()] == [f"step-{key}.pkl"]
+    assert [p.name for p in store.iterdir()] == [f"step-{key}.step"]
 
 
 def test_the_store_follows_jaxs_cache_and_is_off_without_it_or_without_jit(tmp_path, caplog):
@@ -223,3 +227,90 @@ def test_the_platform_names_a_gpus_runtime(platform, version, name):
     """JAX calls CUDA and ROCm devices both "gpu"; only CUDA was checked to keep served steps."""
     assert compilation_cache.platform_name(fake_device(platform, version)) == name
     assert compilation_cache.platform_name(jax.devices()[0]) == jax.default_backend() == "cpu"
+
+
+class Planted:
+    """A pickle that, when loaded, creates the directory `marker`: proof that its code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant_over_the_kept_step(store, tmp_path) -> pathlib.Path:
+    """Compiles a step once, then replaces the file the store kept by a pickle that runs code;
+    returns where that code would leave its mark."""
+    x, y = inputs()
+    compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    [kept] = [p for p in store.iterdir() if p.is_file()]
+    marker = tmp_path / "planted_code_ran"
+    kept.write_bytes(pickle.dumps(Planted(marker)))
+    return marker
+
+
+def test_the_store_is_created_private(tmp_path, monkeypatch):
+    monkeypatch.setattr(compilation_cache, "steps_dir", lambda: tmp_path / "cache" / "steps")
+    compilation_cache.compiled_step(fresh_step(), inputs(), name="step", config=config())
+    assert (tmp_path / "cache" / "steps").stat().st_mode & 0o777 == 0o700
+    assert len(list((tmp_path / "cache" / "steps").iterdir())) == 1
+
+
+def test_a_pickle_in_place_of_a_kept_step_is_never_unpickled(store, tmp_path, caplog):
+    """Only JAX's payload, after our JSON header, is unpickled: a bare pickle does not load."""
+    marker = plant_over_the_kept_step(store, tmp_path)
+    x, y = inputs()
+    with caplog.at_level(logging.WARNING):
+        compiled = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    assert not marker.exists()
+    assert "could not load the compiled step" in caplog.text
+    np.testing.assert_array_equal(compiled(x, y), scaled(x, y))
+
+
+@pytest.mark.parametrize("make_untrusted", ["others can write", "another user owns"])
+def test_a_directory_others_can_write_or_own_is_not_read(store, tmp_path, caplog, make_untrusted):
+    marker = plant_over_the_kept_step(store, tmp_path)
+    if make_untrusted == "others can write":
+        store.chmod(0o777)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.chown(store, 12345, -1)
+    files_before = sorted(p.name for p in store.iterdir())
+    x, y = inputs()
+    with caplog.at_level(logging.WARNING):
+        compiled = compilation_cache.compiled_step(fresh_step(), (x, y), name="step", config=config())
+    assert not marker.exists()
+    np.testing.assert_array_equal(compiled(x, y), scaled(x, y))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.startswith("not using the store of compiled steps") and str(store) in warning
+    assert ("others can write" if make_untrusted == "others can write" else "another user") in warning
+    assert sorted(p.name for p in store.iterdir()) == files_before  # nothing written there either
+
+
+def test_a_file_that_does_not_load_is_deleted_even_when_the_step_is_not_kept_again(store):
+    """On the CPU a step that JAX's cache served is not kept: the bad file must go all the same,
+    or every start would warn about it."""
+    x, y = inputs()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    subtract_three().lower(x, y).compile()  # now in JAX's persistent cache
+    key = compilation_cache.program_key("step", config(), (x, y))
+    (store / f"step-{key}.step").write_bytes(compilation_cache.FILE_MAGIC + b"{truncated")
+    compiled = compilation_cache.compiled_step(subtract_three(), (x, y), name="step", config=config())
+    np.testing.assert_array_equal(compiled(x, y), x * y - 3)
+    assert list(store.iterdir()) == []
+
+
+def test_the_output_tree_is_spelled_out_from_the_arguments_trees():
+    """A train step's outputs: (the state, shaped like argument 0, and a dict of metrics)."""
+    state = {"params": {"w": 1.0, "b": (2.0, None)}, "step": 3}
+    batch = {"image": 1, "label": 2}
+    argument_trees = [jax.tree.structure(state), jax.tree.structure(batch)]
+    outputs = jax.tree.structure((state, {"loss": 0.0, "lr": 0.0}, [None, 1]))
+    description = compilation_cache.describe_tree(outputs, argument_trees)
+    assert description == {"tuple": [{"argument": 0}, {"dict": {"loss": "leaf", "lr": "leaf"}},
+                                     {"list": [None, "leaf"]}]}
+    assert compilation_cache.tree_from_description(description, argument_trees) == outputs
+    with pytest.raises(compilation_cache.UnkeepableStep):
+        compilation_cache.describe_tree(jax.tree.structure(jax.tree_util.Partial(scaled, 1.0)), argument_trees)

@@ -121,3 +121,31 @@ def test_same_shaped_keys_land_at_their_own_flax_leaves():
     ]
     for leaf, key in expected:
         assert np.all(leaf == marks[key]), key
+
+
+@pytest.mark.parametrize("suffix, content", [(".safetensors", b""), (".npz", b""), (".npz", b"PK\x03\x04 truncated"),
+                                             (".pth", b"not a torch file")])
+def test_an_unreadable_checkpoint_is_named_in_one_line(tmp_path, capsys, suffix, content):
+    if suffix == ".pth":
+        pytest.importorskip("torch", reason="reading .pth files needs the optional PyTorch extra")
+    checkpoint = tmp_path / f"shunted_t{suffix}"
+    checkpoint.write_bytes(content)
+    with pytest.raises(convert.UnreadableCheckpointError, match=f"{checkpoint} .* is not a readable {suffix} checkpoint: "):
+        convert.read_state_dict(checkpoint)
+    with pytest.raises(SystemExit) as stopped:
+        convert.main(["--model", "shunted_t", str(checkpoint), str(tmp_path / "out")])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {checkpoint} ") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_converted_checkpoint_is_named(tmp_path):
+    np.savez(tmp_path / "pvt_v2_b0.npz", **official_state_dict("pvt_v2_b0"))
+    convert.main(["--model", "pvt_v2_b0", str(tmp_path / "pvt_v2_b0.npz"), str(tmp_path / "out")])
+    (tmp_path / "out" / "model.json").write_text("{garbled")
+    with pytest.raises(convert.UnreadableCheckpointError, match="model.json of a converted checkpoint"):
+        convert.load_variables(tmp_path / "out")
+    (tmp_path / "out" / "model.json").write_text('{"model": "pvt_v2_b0"}')
+    (tmp_path / "out" / "variables" / "_METADATA").write_text("{garbled")
+    with pytest.raises(convert.UnreadableCheckpointError, match=f"{tmp_path / 'out' / 'variables'} cannot be restored"):
+        convert.load_variables(tmp_path / "out")

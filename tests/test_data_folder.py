@@ -32,7 +32,7 @@ def image_root(tmp_path_factory) -> str:
 
 
 def folder_config(root, tmp_path, **overrides):
-    return small_config(name=f"folder:{root}", data_dir=str(tmp_path), eval_split="", **overrides)
+    return small_config(**{"name": f"folder:{root}", "data_dir": str(tmp_path), "eval_split": "", **overrides})
 
 
 def test_undecodable_files_are_found_by_name(image_root):
@@ -112,3 +112,67 @@ def test_missing_folder_and_missing_classes_are_explained(tmp_path):
     os.makedirs(tmp_path / "empty" / "val")
     with pytest.raises(ValueError, match="no class sub-folders"):
         data.dataset_info(folder_config(tmp_path / "empty", tmp_path))
+
+
+@pytest.fixture(scope="module")
+def train_only_root(tmp_path_factory) -> str:
+    """ROOT/train/{cat,dog}/*.jpg, 8 images each, and no evaluation split."""
+    root = str(tmp_path_factory.mktemp("train_only"))
+    for label, name in enumerate(CLASSES):
+        for n in range(8):
+            write_jpeg(f"{root}/train/{name}/{name}{n}.jpg", natural_image(40, 50, seed=n + 20 * label))
+    return root
+
+
+def test_a_folder_without_an_evaluation_split_trains_and_says_how_to_evaluate(train_only_root, tmp_path):
+    cfg = folder_config(train_only_root, tmp_path)
+    info = data.dataset_info(cfg)
+    assert (info.num_train_examples, info.num_eval_examples) == (16, None)
+    assert next(data.train_iterator(cfg, 4))["image"].shape == (4, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"has no evaluation split .*evals\.NAME\.split.*data\.holdout_fraction.*"
+                                         r"--config\.evals=\{\}"):
+        data.dataset_info(cfg, require_eval_split=True)
+    with pytest.raises(ValueError, match="has no evaluation split"):
+        next(data.eval_iterator(cfg, 4))
+    assert data.dataset_info(folder_config(train_only_root, tmp_path, eval_split="train")).num_eval_examples == 16
+
+
+def test_a_held_out_fraction_of_each_class_is_the_evaluation_split_and_is_not_trained_on(train_only_root, tmp_path):
+    from shunted_jax.data.sources import FolderSource
+
+    cfg = folder_config(train_only_root, tmp_path, holdout_fraction=0.25)
+    info = data.dataset_info(cfg)
+    assert (info.num_train_examples, info.num_eval_examples) == (12, 4)
+    source = FolderSource(cfg)
+    trained, held = set(source.train.paths), set(source.eval.paths)
+    assert not trained & held and len(trained | held) == 16
+    assert sorted(source.eval.labels.tolist()) == [0, 0, 1, 1]
+    assert held == set(FolderSource(folder_config(train_only_root, tmp_path, holdout_fraction=0.25, seed=7)).eval.paths)
+    assert held == set(FolderSource(folder_config(train_only_root, tmp_path, holdout_fraction=0.25,
+                                                  eval_split="holdout")).eval.paths)
+    labels = np.concatenate([b["label"] for _, b in zip(range(3), data.train_iterator(cfg, 4))])
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
+    evaluated = list(data.eval_iterator(cfg, 4))
+    assert sum(int(b["mask"].sum()) for b in evaluated) == 4
+
+
+def test_holding_out_is_for_folder_datasets():
+    with pytest.raises(ValueError, match=r"data.holdout_fraction holds out images of folder: datasets.*train\[:90%\]"):
+        data.dataset_info(small_config(name="synthetic", holdout_fraction=0.1))
+
+
+def test_a_folder_without_evaluation_split_trains_without_evaluators(train_only_root, tmp_path):
+    """The evaluators' splits are checked before anything is compiled; `--config.evals={}` has none."""
+    from configs import shunted_t
+    from shunted_jax.train import checkpoint, loop
+
+    config = shunted_t.get_config("demo")
+    config.unlock()
+    config.data.update({"name": f"folder:{train_only_root}", "data_dir": str(tmp_path)})
+    config.update({"global_batch_size": 8, "eval_batch_size": 8, "num_train_steps": 1, "log_every_steps": 1,
+                   "compilation_cache_dir": ""})
+    with pytest.raises(ValueError, match=r"config\.evals\.val: .* has no evaluation split"):
+        loop.train_and_evaluate(config, tmp_path / "default_evaluator")
+    config.evals = {}
+    assert loop.train_and_evaluate(config, tmp_path / "no_evaluator") == {}
+    assert checkpoint.all_steps_on_disk(tmp_path / "no_evaluator" / "checkpoints") == [1]

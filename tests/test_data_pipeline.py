@@ -1,6 +1,8 @@
 """train_iterator / eval_iterator on synthetic data and on the Fashion-MNIST demo (a real tfds dataset)."""
 import ast
 import collections
+import gzip
+import pathlib
 import re
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from helpers.data import demo_data_dir, small_config  # noqa: F401  (demo_data_d
 
 from shunted_jax import data
 from shunted_jax.data import config, device_ops, pipeline, registry
+from shunted_jax.data.fashion_mnist_demo import DEBIAN_DIR, read_idx
 from shunted_jax.data.sources import DatasetNotPreparedError
 from shunted_jax.data.tf_import import tensorflow, tensorflow_datasets
 
@@ -259,8 +262,6 @@ def test_an_unknown_dataset_name_is_one_short_error(tmp_path):
 
 def write_idx(path, array: np.ndarray) -> None:
     """A gzipped uint8 IDX file, the format of the Fashion-MNIST files."""
-    import gzip
-
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
@@ -279,3 +280,19 @@ def test_building_a_dataset_draws_no_progress_bars_into_a_log(tmp_path):
                             capture_output=True, text=True, check=True)
     assert "prepared fashion_mnist_demo" in result.stdout
     assert "examples/s" not in result.stderr and "Generating" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["empty", "not gzip", "truncated data", "cut gzip"])
+def test_a_damaged_demo_file_is_named_with_what_is_wrong(tmp_path, damage):
+    source = pathlib.Path(DEBIAN_DIR) / "t10k-labels-idx1-ubyte.gz"
+    broken = tmp_path / source.name
+    if damage == "empty":
+        broken.write_bytes(b"")
+    elif damage == "not gzip":
+        broken.write_bytes(b"plain text")
+    elif damage == "truncated data":
+        broken.write_bytes(gzip.compress(gzip.decompress(source.read_bytes())[:500]))
+    else:
+        broken.write_bytes(source.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=f"^{broken} .*(truncated|not a readable gzip|no IDX header)"):
+        read_idx(str(broken))

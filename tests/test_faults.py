@@ -1,6 +1,8 @@
 """Faults of real train.py processes: two runs on one workdir, a killed holder, damaged checkpoints,
-a full disk, and evaluation of missing, empty and read-only workdirs."""
+a full disk, evaluation of missing, empty and read-only workdirs, metrics.jsonl deleted or
+unwritable, and resumes that would change the run."""
 import contextlib
+import json
 import logging
 import pathlib
 import shutil
@@ -217,3 +219,91 @@ def test_eval_on_read_only_storage_skips_a_damaged_latest_checkpoint(trained, tm
     assert "checkpoint step 6 " in result.stderr and "cannot be restored" in result.stderr
     assert "eval at step 4" in result.stderr and "read-only" in result.stderr
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("fault", ["deleted", "replaced"])
+def test_metrics_records_survive_a_deleted_or_replaced_file(tmp_path, caplog, fault):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    writer.write("train", 1, {"loss": 1.0})
+    path = tmp_path / "metrics.jsonl"
+    path.unlink()
+    if fault == "replaced":
+        path.write_text('{"kind": "note", "step": 0}\n')
+    with caplog.at_level(logging.WARNING):
+        writer.write("train", 2, {"loss": 2.0})
+        writer.write("train", 3, {"loss": 3.0})
+    writer.close()
+    assert [r["step"] for r in metrics.read_metrics(path) if r["kind"] == "train"] == [2, 3]
+    warnings = [r.getMessage() for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+
+
+def test_metrics_that_cannot_be_written_stop_with_one_error(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(console.RunError, match=r"writing .*metrics.jsonl failed: IsADirectoryError"):
+        writer.write("train", 1, {"loss": 1.0})
+
+
+def test_a_run_whose_metrics_cannot_be_written_stops_before_training_with_one_line(tmp_path):
+    workdir = tmp_path / "w"
+    (workdir / "metrics.jsonl").mkdir(parents=True)
+    result = run_train(workdir, *STEPS, check=False)
+    last = error_line(result)
+    assert last.startswith(f"error: writing {workdir / 'metrics.jsonl'} failed: IsADirectoryError")
+    assert "Traceback" not in result.stderr and checkpoint_steps(workdir) == []
+
+
+def test_a_resume_that_would_change_the_trajectory_is_refused_and_leaves_the_workdir_as_it_was(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w", drop_steps=[6])
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    result = run_train(workdir, *STEPS, "--config.global_batch_size=32", "--config.optimizer.base_lr=0.004",
+                       check=False)
+    last = error_line(result)
+    assert last == (f"error: --workdir {workdir} was trained with another config: config.global_batch_size 16 -> 32, "
+                    f"config.optimizer.base_lr 0.008 -> 0.004. Resume with the values recorded in "
+                    f"{workdir / 'config.json'}, or give this run another --workdir; to go on with the new values on "
+                    "purpose, add --config.allow_config_change=True (the change is recorded there and in metrics.jsonl)")
+    assert len(result.stderr.splitlines()) == 1
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
+def test_fields_that_do_not_change_the_trajectory_may_change_on_resume(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w", drop_steps=[6])
+    run_train(workdir, *STEPS, "--config.log_every_steps=2", "--config.checkpoint.keep=5", "--config.eval_batch_size=8",
+              "--config.prefetch_to_device=1", "--config.evals.val.every_steps=3")
+    manager_options = ml_collections.ConfigDict({"keep": 3, "asynchronous": False})
+    with checkpoint.make_checkpoint_manager(workdir / "checkpoints", manager_options, read_only=True) as resumed, \
+            checkpoint.make_checkpoint_manager(trained / "checkpoints", manager_options, read_only=True) as straight:
+        got, want = checkpoint.load_state(resumed, 6), checkpoint.load_state(straight, 6)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
+        assert jnp.array_equal(got_leaf, want_leaf)
+    assert json.loads((workdir / "config.json").read_text())["log_every_steps"] == 2
+
+
+def test_an_allowed_change_is_recorded_and_the_data_goes_on_from_the_next_unseen_example(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path / "w", drop_steps=[6])
+    result = run_train(workdir, *STEPS, "--config.global_batch_size=32", "--config.allow_config_change=True")
+    assert "resuming at step 4 with another config, as config.allow_config_change allows: " \
+           "config.global_batch_size 16 -> 32" in result.stderr
+    [change] = [r for r in metrics.read_metrics(workdir / "metrics.jsonl") if r["kind"] == "config_change"]
+    assert change == {"kind": "config_change", "step": 4, "changes": {"global_batch_size": [16, 32]}}
+    assert json.loads((workdir / "config.json").read_text())["global_batch_size"] == 32
+    manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", ml_collections.ConfigDict(
+        {"keep": 3, "asynchronous": False}), read_only=True)
+    # 4 steps of 16 examples, then 2 of 32: 128 examples into the epoch (step 6 of 32 alone would say 192).
+    assert checkpoint.load_meta(manager, 6)["stream"] == {"epoch": 0, "example": 128}
+    assert checkpoint.load_meta(manager, 4)["stream"] == {"epoch": 0, "example": 64}
+    manager.close()
+
+
+def test_a_record_left_half_written_is_skipped_and_later_records_stay_whole(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "st')  # killed mid-write
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    writer.write("train", 2, {"loss": 2.0})
+    writer.close()
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in metrics.read_metrics(path)] == [1, 2]
+    assert f"{path}: skipped line(s) 2, which are not metrics records" in caplog.text

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common, shunted_t  # noqa: E402
-from helpers.processes import (checkpoint_steps, run_train, start_train, subprocess_env,  # noqa: E402
+from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run, subprocess_env,  # noqa: E402
                                train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402
@@ -78,15 +78,8 @@ def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_pa
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    process = start_train(tmp_path, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
-    wait_for_line(process, "step 3/100000")
-    process.send_signal(signal.SIGTERM)
-    lines = wait_for_line(process, "preemption requested")
-    rest = process.stderr.read()
-    assert process.wait() == 0
-    saved_step = int(lines[-1].split("saved step ")[1].split()[0])
-    assert 3 <= saved_step < 100000 and checkpoint_steps(tmp_path) == [saved_step]
-    assert f"stopped for preemption: trained steps 1-{saved_step} ({saved_step * 16:,} images)" in rest
+    saved_step, lines = stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step")
+    assert f"stopped for preemption: trained steps 1-{saved_step} ({saved_step * 16:,} images)" in "".join(lines)
 
 
 def test_eval_mode_reproduces_the_final_evaluation(straight_run):
@@ -156,7 +149,7 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
         loop.train_and_evaluate(config, tmp_path / "batch")
     config = small_config()
     config.model.name = "shunted_xl"
-    with pytest.raises(ValueError, match="Unknown model 'shunted_xl'"):
+    with pytest.raises(loop.ConfigError, match="config.model.name='shunted_xl' is not a model"):
         loop.train_and_evaluate(config, tmp_path / "model")
     (tmp_path / "file").write_text("")
     with pytest.raises(workdirs.WorkdirError, match="which is a file"):
@@ -168,10 +161,10 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("global_batch_size", 0, "global_batch_size=0 must be at least 1"),
-    ("eval_batch_size", -1, "eval_batch_size=-1 must be at least 1"),
+    ("global_batch_size", 0, "global_batch_size=0 is out of range; valid: >= 1"),
+    ("eval_batch_size", -1, "eval_batch_size=-1 is out of range; valid: >= 1"),
     ("num_epochs", 0.0, "num_epochs=0.0 trains nothing"),
-    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 must be at least 1"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 is out of range; valid: >= 1"),
 ])
 def test_values_that_cannot_run_fail_before_anything_is_built(tmp_path, field, value, message):
     config = small_config()
@@ -254,7 +247,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     real_iterator = data.train_iterator
 
     def poisoned(*args, **kwargs):
-        for index, batch in enumerate(real_iterator(*args, **kwargs), start=kwargs["start_step"] + 1):
+        for index, batch in enumerate(real_iterator(*args, **kwargs), start=1):  # a fresh run: step 1 first
             if index == 3:
                 batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
             yield batch

@@ -14,16 +14,19 @@ from typing import Iterator
 from shunted_jax.data import config as _config
 from shunted_jax.data import synthetic as _synthetic
 from shunted_jax.data.config import default_config, steps_per_epoch, with_defaults
+from shunted_jax.data.stream import StreamPosition
 
-__all__ = ["DatasetInfo", "dataset_info", "default_config", "eval_iterator", "steps_per_epoch", "train_iterator",
-           "with_defaults"]
+__all__ = ["DatasetInfo", "StreamPosition", "dataset_info", "default_config", "eval_iterator", "steps_per_epoch",
+           "train_iterator", "with_defaults"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset's sizes; num_eval_examples is None when an empty eval_split finds no split to
+    evaluate on (training needs none; evaluating then fails, saying how to choose one)."""
     num_classes: int
     num_train_examples: int
-    num_eval_examples: int
+    num_eval_examples: int | None
     image_size: int
 
 
@@ -31,10 +34,11 @@ def _is_synthetic(cfg) -> bool:
     return cfg.name == _config.SYNTHETIC_NAME
 
 
-def dataset_info(cfg) -> DatasetInfo:
+def dataset_info(cfg, require_eval_split: bool = False) -> DatasetInfo:
     """Sizes of the dataset cfg names; builds the demo dataset on first use. Its preprocessing
     strings are parsed here, so that a bad one (e.g. naming a device op) fails before a training
-    run's slow start."""
+    run's slow start. With `require_eval_split`, a dataset with no split to evaluate on raises the
+    ValueError saying how to choose one."""
     cfg = with_defaults(cfg)
     _config.validate(cfg)
     if _is_synthetic(cfg):
@@ -45,14 +49,19 @@ def dataset_info(cfg) -> DatasetInfo:
     pipeline.check_preprocessing(cfg)
 
     source = make_source(cfg)
+    if require_eval_split:
+        source.require_eval_split()
     return DatasetInfo(source.num_classes, source.num_train, source.num_eval, int(cfg.image_size))
 
 
-def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1, start_step: int = 0) -> Iterator[dict]:
+def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1, start_step: int = 0,
+                   start: StreamPosition | None = None) -> Iterator[dict]:
     """Endless {"image": (B, H, W, 3), "label": int32 (B,)} with B = global_batch_size // process_count;
     the images are uint8 if data.pp_train gives uint8 (data.synthetic_dtype for synthetic data), else float32.
 
-    With start_step=k it yields exactly what an uninterrupted run yields from step k on.
+    With start_step=k it yields exactly what an uninterrupted run yields from step k on; with
+    `start` (a StreamPosition) it starts there instead, e.g. where a run with another batch size
+    stopped (synthetic data, the same batch at every step, ignores both).
     """
     cfg = with_defaults(cfg)
     _config.validate(cfg)
@@ -64,7 +73,7 @@ def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_
         return _synthetic.train_batches(cfg, local_batch, process_index, start_step)
     from shunted_jax.data import pipeline
 
-    return pipeline.train_batches(cfg, local_batch, process_index, process_count, start_step)
+    return pipeline.train_batches(cfg, local_batch, process_index, process_count, start_step, start=start)
 
 
 def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:

@@ -3,6 +3,8 @@ import os
 
 import ml_collections
 
+from shunted_jax import config_ranges
+
 DEMO_NAME = "fashion_mnist_demo"
 SYNTHETIC_NAME = "synthetic"
 FOLDER_PREFIX = "folder:"
@@ -21,6 +23,15 @@ EVAL_FIELDS = ("eval_split", "pp_eval")
 
 SYNTHETIC_DTYPES = ("float32", "uint8")
 
+RANGES = {
+    "image_size": config_ranges.AT_LEAST_ONE, "repeated_aug": config_ranges.AT_LEAST_ONE,
+    "shuffle_buffer": config_ranges.AT_LEAST_ONE, "seed": config_ranges.NON_NEGATIVE,
+    "prefetch": config_ranges.Range(0, special=(-1,)), "num_parallel_calls": config_ranges.Range(1, special=(-1,)),
+    "holdout_fraction": config_ranges.BELOW_ONE,
+}
+SYNTHETIC_RANGES = {"num_classes": config_ranges.AT_LEAST_ONE, "num_train_examples": config_ranges.AT_LEAST_ONE,
+                    "num_eval_examples": config_ranges.AT_LEAST_ONE}
+
 
 def default_data_dir() -> str:
     """Where prepared datasets live: $TFDS_DATA_DIR if set, else ~/tensorflow_datasets (tfds' own default)."""
@@ -36,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.manual_dir = ""
     cfg.image_size = 224
     cfg.train_split = "train"
-    cfg.eval_split = ""  # empty: the first of validation, val, test that the dataset has
+    cfg.eval_split = ""  # empty: the first of validation, val, test (then holdout) that the dataset has
+    cfg.holdout_fraction = 0.0  # folder: datasets: this fraction of each training class is the split "holdout"
     cfg.pp_train = HOST_PP_TRAIN
     cfg.pp_eval = HOST_PP_EVAL
     cfg.shuffle_buffer = 10_000
@@ -60,27 +72,37 @@ def with_defaults(cfg: ml_collections.ConfigDict, **fields) -> ml_collections.Co
     return complete
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Rejects values that would otherwise fail late and obscurely inside tf.data."""
+def problems(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Every value of a complete data config that cannot run, one line each naming the field."""
+    found = config_ranges.out_of_range(cfg, RANGES, "data.")
     if not isinstance(cfg.name, str) or not cfg.name:
-        raise ValueError(f"data.name must be a non-empty string, got {cfg.name!r}.")
+        return [*found, f"data.name must be a non-empty string, got {cfg.name!r}."]
     if cfg.name.startswith(FOLDER_PREFIX) and not cfg.name[len(FOLDER_PREFIX):]:
-        raise ValueError('data.name "folder:" needs a path, e.g. "folder:/data/my_images".')
-    if int(cfg.image_size) < 1:
-        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}.")
-    if int(cfg.repeated_aug) < 1:
-        raise ValueError(f"data.repeated_aug must be >= 1 (1 = off, 3 = official), got {cfg.repeated_aug}.")
+        found.append('data.name "folder:" needs a path, e.g. "folder:/data/my_images".')
+    if cfg.holdout_fraction > 0 and not cfg.name.startswith(FOLDER_PREFIX):
+        found.append(
+            f"data.holdout_fraction holds out images of folder: datasets, not of {cfg.name!r}; a tfds dataset holds "
+            "out a slice of its training split instead, e.g. data.train_split='train[:90%]' and the evaluator's "
+            "split 'train[90%:]'."
+        )
     if cfg.on_corrupt not in _ON_CORRUPT:
-        raise ValueError(f"data.on_corrupt must be one of {_ON_CORRUPT}, got {cfg.on_corrupt!r}.")
-    if int(cfg.shuffle_buffer) < 1:
-        raise ValueError(f"data.shuffle_buffer must be >= 1, got {cfg.shuffle_buffer}.")
-    if cfg.name == SYNTHETIC_NAME and (int(cfg.num_classes) < 1 or int(cfg.num_train_examples) < 1):
-        raise ValueError("synthetic data needs num_classes >= 1 and num_train_examples >= 1.")
+        found.append(f"data.on_corrupt must be one of {_ON_CORRUPT}, got {cfg.on_corrupt!r}.")
+    if cfg.name == SYNTHETIC_NAME:
+        found += config_ranges.out_of_range(cfg, SYNTHETIC_RANGES, "data.")
     if cfg.synthetic_dtype not in SYNTHETIC_DTYPES:
-        raise ValueError(
+        found.append(
             f"data.synthetic_dtype must be one of {SYNTHETIC_DTYPES} (what the host pipeline would give), "
             f"got {cfg.synthetic_dtype!r}."
         )
+    return found
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Rejects values that would otherwise fail late and obscurely inside tf.data: a ValueError
+    with one line per bad field."""
+    found = problems(cfg)
+    if found:
+        raise ValueError("\n".join(found))
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from shunted_jax.data.pp_syntax import parse_ops
 
@@ -342,8 +343,9 @@ def value_range(low=0.0, high=1.0) -> ImageOp:
 
 
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ImageOp:
-    """(x - mean) / std per channel; by default ImageNet's, for images in [0, 1]."""
-    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    """(x - mean) / std per channel; by default ImageNet's, for images in [0, 1]. The constants are
+    numpy's, so that parsing a string (a config check) touches no JAX backend."""
+    mean_a, std_a = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     return lambda image, key: (image - mean_a) / std_a
 
 

@@ -19,18 +19,28 @@ SPLIT_FILES = {
 CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
 _IDX_MAGIC = {1: 2049, 3: 2051}  # the IDX magic number by number of dimensions
 _ENCODE_BATCH = 1024
+_REPLACE = "reinstall dataset-fashion-mnist, or give data.manual_dir a folder of intact files"
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Reads a gzipped big-endian IDX file of uint8 values (the MNIST format)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic = int.from_bytes(raw[:4], "big")
-    ndim = raw[3]
+    """Reads a gzipped big-endian IDX file of uint8 values (the MNIST format); a file that is not
+    one (not gzip, truncated, another magic number) is named in a ValueError saying what is wrong."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable gzip file ({type(err).__name__}: {err}); {_REPLACE}") from err
+    if len(raw) < 4:
+        raise ValueError(f"{path} holds {len(raw)} bytes once decompressed, no IDX header; {_REPLACE}")
+    magic, ndim = int.from_bytes(raw[:4], "big"), raw[3]
     if _IDX_MAGIC.get(ndim) != magic:
         raise ValueError(f"{path} is not a uint8 IDX file (magic number {magic}).")
+    offset = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    if len(raw) != offset + int(np.prod(shape)):
+        raise ValueError(f"{path} holds {len(raw) - offset} values where its header promises {int(np.prod(shape))} "
+                         f"{shape}: it is truncated or damaged; {_REPLACE}")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
 
 
 def encode_pngs(images: np.ndarray):

@@ -21,6 +21,7 @@ from shunted_jax.data import config as config_lib
 from shunted_jax.data import registry
 from shunted_jax.data.ops import decode_to_uint8
 from shunted_jax.data.sources import make_source
+from shunted_jax.data.stream import StreamPosition
 from shunted_jax.data.tf_import import tensorflow
 
 tf = tensorflow()
@@ -98,14 +99,14 @@ class _TrainPlan:
 
     decode_once: bool
 
-    def epoch_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
-        """Skips whole records before decoding; only a record split by the resume point is
-        decoded, for its copies after that point."""
+    def epoch_batches(self, epoch: int, first_example: int) -> Iterator[dict]:
+        """This process's batches of the epoch from its example `first_example` on. Skips whole
+        records before decoding; only a record split by the resume point is decoded, for its
+        copies after that point."""
         cfg, batch = self.cfg, self.local_batch
         shuffle_seed = derived_seed(cfg.seed, self.process_index, epoch, _SHUFFLE_STREAM)
         augment_seed = tf.constant(derived_seed(cfg.seed, self.process_index, epoch, _AUGMENT_STREAM), tf.int64)
         repeats = int(cfg.repeated_aug)
-        first_example = first_step * batch
         first_record, copies_to_skip = divmod(first_example, repeats)
         records = self.source.train_epoch(shuffle_seed, int(cfg.shuffle_buffer), self.process_index, self.process_count)
         records = records.take(math.ceil(self.steps * batch / repeats)).skip(first_record).enumerate(start=first_record)
@@ -119,26 +120,30 @@ class _TrainPlan:
         return _with_options(batches).as_numpy_iterator()
 
 
-def _endless(plan: _TrainPlan, epoch: int, first_step: int) -> Iterator[dict]:
+def _endless(plan: _TrainPlan, epoch: int, first_example: int) -> Iterator[dict]:
     while True:
-        yield from plan.epoch_batches(epoch, first_step)
-        epoch, first_step = epoch + 1, 0
+        yield from plan.epoch_batches(epoch, first_example)
+        epoch, first_example = epoch + 1, 0
 
 
 def train_batches(
-    cfg, local_batch: int, process_index: int, process_count: int, start_step: int, decode_once: bool = True
+    cfg, local_batch: int, process_index: int, process_count: int, start_step: int, decode_once: bool = True,
+    start: StreamPosition | None = None,
 ) -> Iterator[dict]:
     """Sets everything up now, so that bad input fails here rather than at the first batch.
 
-    decode_once=False decodes a record again for each repeated-augmentation copy, as the data
-    benchmark's reference: the same batches at a higher cost, but for the border pixels of a
-    decode_and_inception_crop of a JPEG, which decodes only the crop (ops.decode_and_crop).
+    The stream starts where an uninterrupted run stands after `start_step` steps, or at `start`
+    when given (data.stream). decode_once=False decodes a record again for each repeated-augmentation
+    copy, as the data benchmark's reference: the same batches at a higher cost, but for the border
+    pixels of a decode_and_inception_crop of a JPEG, which decodes only the crop (ops.decode_and_crop).
     """
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
     steps = config_lib.steps_per_epoch(source.num_train, local_batch * process_count, process_count)
     plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count, decode_once)
-    return _endless(plan, *divmod(start_step, steps))
+    global_batch = local_batch * process_count
+    position = (start or StreamPosition.at_step(start_step, steps, global_batch)).fitted(steps, global_batch)
+    return _endless(plan, position.epoch, position.example // process_count)
 
 
 def check_preprocessing(cfg) -> None:
@@ -154,7 +159,8 @@ def _padding(element_spec: dict, count: int):
     if not all(shape.is_fully_defined() for shape in shapes.values()):
         raise ValueError(
             f"the evaluation preprocessing gives images of unknown shape {shapes['image']}; "
-            "end data.pp_eval with a fixed-size op such as center_crop(SIZE) or resize(SIZE)."
+            "end the evaluation preprocessing string (evals.NAME.pp in a training config, pp_eval in a data "
+            "config) with a fixed-size op such as center_crop(SIZE) or resize(SIZE)."
         )
     zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
     zeros["mask"] = tf.constant(False)

@@ -21,11 +21,14 @@ tf = tensorflow()
 tfds = tensorflow_datasets()
 
 EVAL_SPLIT_CANDIDATES = ("validation", "val", "test")
+# The training images a folder dataset holds out (data.holdout_fraction) form this split.
+HOLDOUT_SPLIT = "holdout"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
-class DatasetNotPreparedError(RuntimeError):
-    """The dataset has to be prepared once before training; the message says how."""
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset's prepared files are missing: it has to be prepared once before training; the
+    message says how."""
 
 
 def _deterministic_options():
@@ -35,16 +38,30 @@ def _deterministic_options():
 
 
 def _resolve_split(requested: str, available, kind: str, dataset: str) -> str:
-    """The requested split, or for an empty evaluation split the first of validation/val/test there is."""
+    """The requested split (a tfds slice such as "train[:90%]" names its split before the bracket)."""
+    base = requested.split("[")[0]
+    if base not in available:
+        raise ValueError(f"{dataset} has no {kind} split {base!r}; it has {sorted(available)}.")
+    return requested
+
+
+def _resolve_eval_split(requested: str, available, dataset: str) -> str | None:
+    """The requested evaluation split, or for an empty one the first of validation/val/test (then
+    the held-out images, where there are some) that the dataset has; None when it has none."""
     if requested:
-        base = requested.split("[")[0]
-        if base not in available:
-            raise ValueError(f"{dataset} has no {kind} split {base!r}; it has {sorted(available)}.")
-        return requested
-    for candidate in EVAL_SPLIT_CANDIDATES:
-        if candidate in available:
-            return candidate
-    raise ValueError(f"{dataset} has none of the splits {EVAL_SPLIT_CANDIDATES}; set data.eval_split to one of {sorted(available)}.")
+        return _resolve_split(requested, available, "evaluation", dataset)
+    return next((c for c in (*EVAL_SPLIT_CANDIDATES, HOLDOUT_SPLIT) if c in available), None)
+
+
+def no_eval_split(dataset: str, available) -> ValueError:
+    """What to do when a dataset has no split to evaluate on: the fields that choose one exist in
+    training configs (evals.NAME.split) and data configs (eval_split) alike."""
+    return ValueError(
+        f"{dataset} has no evaluation split (none of {', '.join(EVAL_SPLIT_CANDIDATES)}; it has {sorted(available)}): "
+        "name one as the evaluator's split (evals.NAME.split in a training config, eval_split in a data config), "
+        "hold out part of the training images (data.holdout_fraction, for folder: datasets), or train "
+        "without evaluators (--config.evals={})."
+    )
 
 
 def preparation_instructions(name: str, data_dir: str, manual_dir: str) -> str:
@@ -69,7 +86,20 @@ def unknown_name_message(name: str) -> str:
     )
 
 
-class TfdsSource:
+class _Source:
+    """What the sources share: `num_eval` is None when there is no split to evaluate on, and
+    `_no_eval_split` the ValueError that says how to choose one."""
+
+    num_eval: int | None
+    _no_eval_split: ValueError
+
+    def require_eval_split(self) -> None:
+        """Raises the ValueError that says how to choose an evaluation split when there is none."""
+        if self.num_eval is None:
+            raise self._no_eval_split
+
+
+class TfdsSource(_Source):
     """A tfds image-classification dataset read with per-process splits."""
 
     def __init__(self, cfg):
@@ -87,9 +117,10 @@ class TfdsSource:
         self.image_key, self.label_key = info.supervised_keys or ("image", "label")
         self.num_classes = info.features[self.label_key].num_classes
         self.train_split = _resolve_split(cfg.train_split, info.splits.keys(), "training", cfg.name)
-        self.eval_split = _resolve_split(cfg.eval_split, info.splits.keys(), "evaluation", cfg.name)
         self.num_train = info.splits[self.train_split].num_examples
-        self.num_eval = info.splits[self.eval_split].num_examples
+        self.eval_split = _resolve_eval_split(cfg.eval_split, info.splits.keys(), cfg.name)
+        self.num_eval = None if self.eval_split is None else info.splits[self.eval_split].num_examples
+        self._no_eval_split = no_eval_split(cfg.name, info.splits.keys())
 
     def _read(self, split: str, shuffle_seed):
         read_config = tfds.ReadConfig(
@@ -109,6 +140,7 @@ class TfdsSource:
         return self._read(split, shuffle_seed).shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
 
     def _eval_splits(self, process_count: int):
+        self.require_eval_split()
         return tfds.even_splits(self.eval_split, n=process_count, drop_remainder=False)
 
     def eval_counts(self, process_count: int) -> list[int]:
@@ -216,8 +248,22 @@ def _check_every_class_has_images(train_dir: str, class_names: list[str], labels
         )
 
 
-class FolderSource:
-    """Images in ROOT/<split>/<class>/<file>; the classes are the sorted sub-folders of the training split."""
+def hold_out(split: _FolderSplit, fraction: float) -> tuple[_FolderSplit, _FolderSplit]:
+    """(kept, held out): of each class's n images, the floor(fraction * n) whose file names hash
+    lowest, so the choice depends on nothing but the names: not on the order of listing, the
+    machine or the run, and never on the seed."""
+    held = np.zeros(len(split.paths), bool)
+    for label in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == label)
+        digests = [hashlib.sha256(os.path.basename(split.paths[i]).encode()).hexdigest() for i in members]
+        held[members[np.argsort(digests, kind="stable")[: int(fraction * len(members))]]] = True
+    return (_FolderSplit(split.paths[~held], split.labels[~held]), _FolderSplit(split.paths[held], split.labels[held]))
+
+
+class FolderSource(_Source):
+    """Images in ROOT/<split>/<class>/<file>; the classes are the sorted sub-folders of the training
+    split. With data.holdout_fraction > 0, that fraction of each training class (`hold_out`) is
+    not trained on and forms the split "holdout"."""
 
     def __init__(self, cfg):
         self.root = cfg.name[len(config_lib.FOLDER_PREFIX) :]
@@ -225,19 +271,31 @@ class FolderSource:
             raise FileNotFoundError(f"data.name={cfg.name!r}: the folder {self.root} does not exist.")
         available = [d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d))]
         train_split = _resolve_split(cfg.train_split, available, "training", self.root)
-        eval_split = _resolve_split(cfg.eval_split, available, "evaluation", self.root)
         train_dir = os.path.join(self.root, train_split)
         self.class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
         if not self.class_names:
             raise ValueError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class_name>/<image files>.")
         cache_dir = os.path.join(cfg.data_dir, "folder_checks")
         self.train = _drop_corrupt(_list_images(train_dir, self.class_names), cfg.on_corrupt, cache_dir)
-        self.eval = _drop_corrupt(_list_images(os.path.join(self.root, eval_split), self.class_names), cfg.on_corrupt, cache_dir)
         if len(self.train.paths) == 0:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {train_dir}/<class_name>/.")
+        held_out = None
+        if cfg.holdout_fraction > 0:
+            self.train, held_out = hold_out(self.train, cfg.holdout_fraction)
+            available.append(HOLDOUT_SPLIT)
         _check_every_class_has_images(train_dir, self.class_names, self.train.labels)
+        eval_split = _resolve_eval_split(cfg.eval_split, available, self.root)
+        if eval_split is None:
+            self.eval = None
+        elif eval_split == HOLDOUT_SPLIT and held_out is not None:
+            self.eval = held_out
+        else:
+            self.eval = _drop_corrupt(_list_images(os.path.join(self.root, eval_split), self.class_names),
+                                      cfg.on_corrupt, cache_dir)
+        self._no_eval_split = no_eval_split(self.root, available)
         self.num_classes = len(self.class_names)
-        self.num_train, self.num_eval = len(self.train.paths), len(self.eval.paths)
+        self.num_train = len(self.train.paths)
+        self.num_eval = None if self.eval is None else len(self.eval.paths)
 
     @staticmethod
     def _read(paths, labels):
@@ -253,11 +311,16 @@ class FolderSource:
         order = np.random.default_rng(shuffle_seed).permutation(len(paths))
         return self._read(paths[order], labels[order])
 
+    def _eval_split(self) -> _FolderSplit:
+        self.require_eval_split()
+        return self.eval
+
     def eval_counts(self, process_count: int) -> list[int]:
-        return [len(self.eval.paths[index::process_count]) for index in range(process_count)]
+        return [len(self._eval_split().paths[index::process_count]) for index in range(process_count)]
 
     def eval_examples(self, process_index: int, process_count: int):
-        return self._read(self.eval.paths[process_index::process_count], self.eval.labels[process_index::process_count])
+        split = self._eval_split()
+        return self._read(split.paths[process_index::process_count], split.labels[process_index::process_count])
 
 
 def make_source(cfg):

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state: asynchronous, atomic, kept K deep, restorable onto any mesh.
 
-Each checkpoint has two items: "state" (the TrainState; its step is also the data position) and
-"meta" (JSON: the model config, to refuse restoring into a different model).
+Each checkpoint has two items: "state" (the TrainState) and "meta" (JSON: the model config, to
+refuse restoring into a different model, and where the data stream stands, train.resume).
 
 Faults: a save that fails in the background is reported at the first step after it failed (the loop
 polls `check_save`), its partial temporary directory removed; a checkpoint that no longer restores
@@ -131,7 +131,7 @@ def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=N
 
 
 def load_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The "meta" item saved at `step`: {"model": the model config's fields}."""
+    """The JSON saved beside the state of `step` (`save`'s meta)."""
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 

@@ -6,6 +6,12 @@ of Python, more than the cache load itself. The store of whole steps beside it (
 keeps the compiled step under a key made of everything that decides the program, and a run whose
 key matches loads it without tracing. This is what maxtext's ahead-of-time compilation does with
 `jax.experimental.serialize_executable`; here the key is computed, so no user has to manage files.
+
+A kept step is a program that runs with the user's rights, and JAX's serialization of it is a
+pickle: the store is trusted as JAX's cache is, and no more. Its directory is created private
+(0700); a directory or file that another user owns or that others can write is not read. A file
+holds JAX's payload after one line of JSON (the devices, and the outputs' tree spelled out from the
+arguments' trees), so nothing else in it is unpickled; a file that does not load is deleted.
 """
 import contextlib
 import hashlib
@@ -14,7 +20,7 @@ import json
 import logging as python_logging
 import os
 import pathlib
-import pickle
+import stat
 import sys
 import tempfile
 import time
@@ -43,6 +49,13 @@ PLATFORMS_KEEPING_SERVED_STEPS = ("cuda",)
 _COMPILER_LOGGER = "jax._src.compiler"
 _CACHE_MISS_MESSAGE = "PERSISTENT COMPILATION CACHE MISS"
 _SLOW = "the first compile takes a while (minutes for a large model)"
+
+# The first line of a kept step's file; the format changes with it.
+FILE_MAGIC = b"shunted_jax compiled step 2\n"
+
+
+class UnkeepableStep(ValueError):
+    """A step whose outputs' tree cannot be spelled out in JSON: it is not kept."""
 
 
 def enable(directory: str) -> None:
@@ -112,22 +125,98 @@ def program_key(name: str, config, args, context=None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def _load(path: pathlib.Path):
-    payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+def untrusted(path: pathlib.Path) -> str | None:
+    """Why the store must not read `path` (a directory or a file), or None: a program read from it
+    runs with this user's rights, so it must be this user's and writable by nobody else."""
+    status = path.stat()
+    if status.st_uid != os.geteuid():
+        return f"{path} belongs to another user (uid {status.st_uid}): use a compilation_cache_dir of your own"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"others can write to {path} (mode {stat.S_IMODE(status.st_mode):o}): chmod go-w it, or delete it"
+    return None
+
+
+def private_directory(directory: pathlib.Path) -> str | None:
+    """Creates `directory` private (0700) if it is missing; says why it cannot be trusted, or None."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return untrusted(directory)
+
+
+def describe_tree(treedef, argument_trees) -> object:
+    """`treedef` as JSON: a subtree shaped like argument i is {"argument": i}, tuples, lists, dicts
+    with string keys and None are spelled out, a leaf is "leaf". Raises UnkeepableStep otherwise."""
+    for index, argument in enumerate(argument_trees):
+        if treedef == argument:
+            return {"argument": index}
+    node = treedef.node_data()
+    if node is None:
+        return "leaf"
+    kind, keys = node
+    children = [describe_tree(child, argument_trees) for child in treedef.children()]
+    if kind is type(None):
+        return None
+    if kind in (tuple, list):
+        return {kind.__name__: children}
+    if kind is dict and all(isinstance(key, str) for key in keys):
+        return {"dict": dict(zip(keys, children))}
+    raise UnkeepableStep(f"an output of type {kind.__name__} is neither an argument's tree nor a plain container")
+
+
+def _example(description, argument_trees):
+    """A pytree whose structure `description` (of `describe_tree`) describes, with 0 as leaves."""
+    if description is None:
+        return None
+    if description == "leaf":
+        return 0
+    [(kind, value)] = description.items()
+    if kind == "argument":
+        tree = argument_trees[value]
+        return tree.unflatten([0] * tree.num_leaves)
+    if kind == "dict":
+        return {key: _example(child, argument_trees) for key, child in value.items()}
+    return {"tuple": tuple, "list": list}[kind](_example(child, argument_trees) for child in value)
+
+
+def tree_from_description(description, argument_trees):
+    return jax.tree.structure(_example(description, argument_trees))
+
+
+def _argument_trees(args) -> list:
+    return [jax.tree.structure(arg) for arg in args]
+
+
+def _in_tree(args):
+    """The tree `serialize_executable` gives for positional `args`: (args, no keyword arguments)."""
+    return jax.tree.structure((tuple(args), {}))
+
+
+def _load(path: pathlib.Path, args):
+    """The compiled step in `path`, for `args`: our JSON header is read first, and only JAX's own
+    payload is unpickled (by `serialize_executable`)."""
+    with path.open("rb") as file:
+        if file.readline() != FILE_MAGIC:
+            raise ValueError("not a compiled step written by this version")
+        header = json.loads(file.readline())
+        payload = file.read()
     devices = {device.id: device for device in jax.devices()}
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                     execution_devices=[devices[i] for i in device_ids])
+    out_tree = tree_from_description(header["outputs"], _argument_trees(args))
+    return serialize_executable.deserialize_and_load(payload, _in_tree(args), out_tree,
+                                                     execution_devices=[devices[i] for i in header["devices"]])
 
 
-def _save(compiled, path: pathlib.Path) -> None:
-    """Written to a temporary file and renamed, so that concurrent runs never read half a file."""
+def _save(compiled, args, path: pathlib.Path) -> None:
+    """Written to a temporary file and renamed, so that concurrent runs never read half a file.
+    Raises UnkeepableStep when the trees could not be rebuilt from the header and the arguments."""
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    outputs = describe_tree(out_tree, _argument_trees(args))
+    if in_tree != _in_tree(args) or tree_from_description(outputs, _argument_trees(args)) != out_tree:
+        raise UnkeepableStep("its trees cannot be rebuilt from its arguments")
     device_ids = [device.id for device in compiled.runtime_executable().local_devices()]
-    blob = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"devices": device_ids, "outputs": outputs}).encode() + b"\n"
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
-            file.write(blob)
+            file.write(FILE_MAGIC + header + payload)
         os.replace(temporary, path)
     finally:
         pathlib.Path(temporary).unlink(missing_ok=True)
@@ -253,9 +342,9 @@ def compiled_step(jitted, args, *, name: str, config, context=None, what: str = 
     persistent cache serves them) this is `jitted` with its first call announced
     (`announce_first_call`); with jit disabled, `jitted` as it is.
 
-    The store's files are pickles, trusted like JAX's cache: keep the directory private. A file
-    that cannot be loaded, run or written is reported, deleted where it is bad, and compiled around
-    (`_falling_back` says when a run must stop instead).
+    A store directory (or file) that `untrusted` refuses is neither read nor written: one warning,
+    and the step compiles as usual. A file that cannot be loaded, run or written is reported,
+    deleted where it is bad, and compiled around (`_falling_back` says when a run must stop instead).
     """
     what = what or f"the {name}"
     directory = steps_dir()
@@ -264,15 +353,24 @@ def compiled_step(jitted, args, *, name: str, config, context=None, what: str = 
     if directory is None or jax.process_count() > 1:
         return announce_first_call(jitted, what)
     try:
-        path = directory / f"{name}-{program_key(name, config, args, context)}.pkl"
+        path = directory / f"{name}-{program_key(name, config, args, context)}.step"
     except Exception as error:  # e.g. a package file that vanished while it was read
         logging.warning("could not compute the key of the %s (%s); it is not kept", name, error)
         return announce_first_call(jitted, what)
+    try:
+        refused = private_directory(directory) or (untrusted(path) if path.exists() else None)
+    except OSError as error:  # e.g. a read-only cache
+        refused = console.short_cause(error)
+    if refused:
+        logging.warning("not using the store of compiled steps: %s; compiling the %s", refused, name)
+        return announce_first_call(jitted, what)
     if path.exists():
         try:
-            loaded = _load(path)
+            loaded = _load(path, args)
         except Exception as error:  # a file from an interrupted or incompatible writer
-            logging.warning("could not load the compiled %s from %s (%s); compiling it", name, path, error)
+            path.unlink(missing_ok=True)
+            logging.warning("could not load the compiled %s from %s (%s); deleted it, compiling the step",
+                            name, path, console.short_cause(error))
         else:
             logging.info("loaded the compiled %s from %s", name, path)
             return _falling_back(loaded, jitted, path, name)
@@ -284,7 +382,9 @@ def compiled_step(jitted, args, *, name: str, config, context=None, what: str = 
                       "whole; it is not kept", name, platform)
         return compiled
     try:
-        _save(compiled, path)
+        _save(compiled, args, path)
+    except UnkeepableStep as error:
+        logging.debug("the %s is not kept: %s", name, error)
     except Exception as error:
         logging.warning("could not save the compiled %s to %s (%s); a restart will trace it again",
                         name, path, error)

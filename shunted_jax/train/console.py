@@ -6,7 +6,6 @@ import sys
 
 from absl import logging as absl_logging
 
-from shunted_jax.train.metrics import format_duration
 
 # Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
 _STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
@@ -96,6 +95,12 @@ def describe_step(name: str, config, image_size: int, mesh) -> str:
     """What a compile is of: 'the train step of shunted_t (128 images of 32x32 a step, 1 cpu device(s))'."""
     return (f"the {name} of {config.model.name} ({config.global_batch_size} images of {image_size}x{image_size} "
             f"a step, {mesh.devices.size} {mesh.devices.flat[0].platform} device(s))")
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def log_run_summary(workdir, start: int, end: int, batch_size: int, train_seconds: tuple, wall_seconds: float,

@@ -13,31 +13,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from shunted_jax import data
-from shunted_jax.train import (checkpoint, compilation_cache, console, evaluators, finetune, metrics, optim,
-                               prefetch, step, workdirs)
+from shunted_jax.train import (checkpoint, compilation_cache, config_check, console, evaluators, finetune,
+                               metrics, optim, prefetch, resume, step, workdirs)
+from shunted_jax.train.config_check import ConfigError
 from shunted_jax.train.console import RunError
 
 
 class NonFiniteLossError(RunError, FloatingPointError):
     """The loss became NaN or infinite; the last checkpoint before it is kept, the bad state is not saved."""
-
-
-class ConfigError(RunError, ValueError):
-    """A config value that cannot run; the message says which and what to set instead."""
-
-
-def check_config(config) -> None:
-    """Refuses, before anything is built, the values that would crash later or silently do
-    something else than asked."""
-    for name in ("global_batch_size", "eval_batch_size", "accumulation_steps", "log_every_steps"):
-        if config[name] < 1:
-            raise ConfigError(f"config.{name}={config[name]} must be at least 1")
-    for name in ("every_steps", "keep"):
-        if config.checkpoint[name] < 1:
-            raise ConfigError(f"config.checkpoint.{name}={config.checkpoint[name]} must be at least 1")
-    if config.num_train_steps < 0 and config.num_epochs <= 0:
-        raise ConfigError(f"config.num_epochs={config.num_epochs} trains nothing: give a positive number of "
-                          "epochs, or config.num_train_steps (0 only evaluates)")
 
 
 def initialize_distributed(distributed_config) -> None:
@@ -60,34 +43,54 @@ def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_ste
                          "process(es))")
 
 
+def check_evaluation_splits(config) -> None:
+    """Every evaluator has a split to read (an empty split finds the dataset's own), before anything
+    is compiled rather than at the first evaluation."""
+    for name in config.evals:
+        try:
+            data.dataset_info(evaluators.eval_data_config(config, name), require_eval_split=True)
+        except ValueError as error:
+            raise ConfigError(f"config.evals.{name}: {error}") from error
+
+
 class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a request to save and stop at the next step boundary.
+    """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a request to save and stop at the next step
+    boundary; a second Ctrl-C stops at once (KeyboardInterrupt), without saving.
 
     With several processes all must stop at the same step, so JAX's preemption sync point decides
     instead; its coordination service catches SIGTERM itself, so no Python handler is installed.
     """
+    REASONS = {signal.SIGTERM: "preemption requested", signal.SIGINT: "interrupted (Ctrl-C)"}
 
     def __init__(self):
-        self._signalled = False
-        self._previous = None
+        self.reason = None
+        self._interrupted = False
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.REASONS}
         return self
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
         return False
 
-    def _on_sigterm(self, signum, frame):
-        self._signalled = True
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            logging.warning("Ctrl-C: stopping once this step is done and saved; Ctrl-C again stops at once, "
+                            "without saving")
+        self.reason = self.reason or self.REASONS[signum]
 
     def requested(self, step_number: int) -> bool:
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step_number)
-        return self._signalled
+            if multihost_utils.reached_preemption_sync_point(step_number):
+                self.reason = self.REASONS[signal.SIGTERM]
+        return self.reason is not None
 
 
 def read_checked(pending: list) -> dict:
@@ -113,7 +116,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     patched at run time, as in a notebook: callers that change code so leave it off.
     """
     run_start = time.perf_counter()
-    check_config(config)
+    config_check.check(config)
     initialize_distributed(config.distributed)
     compilation_cache.enable(config.compilation_cache_dir)
     if eval_only:
@@ -121,14 +124,17 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     else:
         workdir = workdirs.prepare_for_training(workdir)
     with contextlib.ExitStack() as cleanup:
+        changes = {}
         if not eval_only:
             cleanup.enter_context(workdirs.hold(workdir))
+            changes = resume.check_config(workdir, config)
         mesh = step.make_mesh(config.mesh)
         check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
                          "global_batch_size")
         check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
 
         info = data.dataset_info(config.data)
+        check_evaluation_splits(config)
         steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
                                                jax.process_count())
         total_steps = optim.total_train_steps(config, steps_per_epoch)
@@ -161,6 +167,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         if eval_only:
             return evaluators.run_all(evals, train_state, writer, start, total_steps, force=True)
         cleanup.callback(checkpoint.wait_for_saves, manager)  # before the manager closes
+        resume.record_config(workdir, config, changes, start, writer)
 
         if start >= total_steps:
             logging.info("the run is complete: step %d of %d", start, total_steps)
@@ -169,9 +176,10 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                                     time.perf_counter() - run_start)
             return results
 
+        position = resume.stream_start(manager, start, steps_per_epoch, config.global_batch_size)
         batches = data.train_iterator(config.data, global_batch_size=config.global_batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                      start_step=start)
+                                      start=position)
         batches = prefetch.prefetch_to_device(
             batches, lambda local: step.global_batch(local, mesh, jax.process_count()), config.prefetch_to_device)
         cleanup.callback(batches.close)
@@ -210,9 +218,10 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                     logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
                                                        images_per_second, seconds_per_step))
                 if save_now:
-                    saving = checkpoint.save(manager, train_state, model_meta)
+                    saving = checkpoint.save(manager, train_state, resume.checkpoint_meta(model_meta, position.advanced(
+                        step_number - start, steps_per_epoch, config.global_batch_size)))
                 if preempted:
-                    logging.info("preemption requested: saved step %d and stopping", step_number)
+                    logging.info("%s: saved step %d and stopping", preemption.reason, step_number)
                     break
                 eval_start = time.perf_counter()
                 results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))

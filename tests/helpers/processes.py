@@ -61,3 +61,21 @@ def wait_for_line(process: subprocess.Popen, text: str) -> list:
 
 def checkpoint_steps(workdir) -> list:
     return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+LONG_RUN = ("--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
+
+
+def stop_mid_run(workdir, signum: int, said: str) -> tuple[int, list]:
+    """Starts a long run, sends it `signum` once step 3 is logged and waits for the line that says
+    `said` and the step it saved; asserts the process ended cleanly. Returns that step and the
+    lines of its log."""
+    process = start_train(workdir, *LONG_RUN)
+    wait_for_line(process, "step 3/100000")
+    process.send_signal(signum)
+    lines = wait_for_line(process, said)
+    lines += process.stderr.read().splitlines(keepends=True)
+    assert process.wait() == 0
+    saved_step = int(next(line for line in lines if said in line).split("saved step ")[1].split()[0])
+    assert 3 <= saved_step < 100000 and checkpoint_steps(workdir) == [saved_step]
+    return saved_step, lines
