@@ -121,8 +121,10 @@ def message_texts(tree) -> list[str]:
 
 
 def known_fields() -> set:
-    """Every dotted field of the training configs; an evaluator's fields under each of NAME, <name>, {}."""
-    fields = set()
+    """Every dotted field of the training configs; an evaluator's fields under each of NAME, <name>,
+    {}; and model.{}, a message's name for whichever model field it is about (`models.create`
+    takes every field of the model)."""
+    fields = {"model.{}"}
     for spec in CONFIG_FILES:
         flat = load_config_file(str(REPO / "configs" / spec)).to_dict()
         stack = [("", flat)]
