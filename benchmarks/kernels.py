@@ -1,13 +1,17 @@
 """Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
 Shunted stage shape.
 
-    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|device_ops|all]
+    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|depthwise_tilings|device_ops|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32
 (BENCHMARKS.md, "Kernels": the attention timings decide what `kernels="auto"` picks). "depthwise"
 times the model's DepthwiseConv3x3 (with the FFN's residual) and FeedForward modules with
-`kernels="depthwise=xla"` and `"depthwise=pallas"`.
+`kernels="depthwise=xla"` and `"depthwise=pallas"`. "depthwise_tilings" times each depthwise
+kernel alone (the forward, the forward that keeps GELU's slope, the weight and the input
+gradient) at every stage shape of shunted_s and pvt_v2_b2 under each candidate tiling, against
+the card's memory bound (the bytes the kernel must read and write over its peak bandwidth), and
+prints the fastest tiling of each.
 "pvt_attention" runs the attention candidates at PVTv2-b2's shapes (head dim 64, 49 keys) and
 first prints the Pallas kernels' largest error against float32 einsums, forward and gradients.
 "device_ops" times the train step's device preprocessing on a uint8 batch of 128 x 224^2: the
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from shunted_jax.data import device_ops
+from shunted_jax.kernels import depthwise
 from shunted_jax.kernels.common import local_device, target_for
 from shunted_jax.kernels.dispatch import pad_keys
 from shunted_jax.kernels.short_attention import short_attention
@@ -36,8 +41,9 @@ DEPTHWISE_SHAPES = FFN_SHAPES + [(7, 512, 2048)]
 PVT_ATTENTION_SHAPES = [(3136, 49, 1), (784, 49, 2), (196, 49, 5), (49, 49, 8)]  # pvt_v2_b2 at 224, head dim 64
 
 
-def report(name: str, fn, *args, runs: int = 20) -> None:
-    """Mean milliseconds per call, or why the candidate was refused."""
+def report(name: str, fn, *args, runs: int = 20, bytes_moved: int = 0):
+    """Prints and returns the mean milliseconds per call (None if the candidate was refused), with
+    the fraction of the card's memory bound when `bytes_moved` is given."""
     try:
         compiled = jax.jit(fn).lower(*args).compile()
         for _ in range(3):
@@ -47,9 +53,30 @@ def report(name: str, fn, *args, runs: int = 20) -> None:
         for _ in range(runs):
             out = compiled(*args)
         jax.block_until_ready(out)
-        print(f"{name:60s} {1e3 * (time.perf_counter() - start) / runs:8.3f} ms", flush=True)
     except Exception as error:  # a refused shape is a result: cuDNN rejects some lengths
         print(f"{name:60s} refused: {type(error).__name__}: {str(error)[:120]}", flush=True)
+        return None
+    ms = 1e3 * (time.perf_counter() - start) / runs
+    print(f"{name:60s} {ms:8.3f} ms{memory_bound_note(bytes_moved, ms)}", flush=True)
+    return ms
+
+
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12}
+"""Bytes/s of the cards' memory by a part of their device name, the first match wins."""
+
+
+def peak_bandwidth():
+    kind = jax.devices()[0].device_kind
+    return next((rate for name, rate in PEAK_BANDWIDTH.items() if name in kind), None)
+
+
+def memory_bound_note(bytes_moved: int, ms: float) -> str:
+    """'  (x GB/s, y% of the memory bound)' for a kernel that must move `bytes_moved`."""
+    if not bytes_moved:
+        return ""
+    rate, peak = bytes_moved / (ms * 1e-3), peak_bandwidth()
+    bound = f", {100 * rate / peak:.0f}% of the memory bound" if peak else ""
+    return f"  ({rate / 1e9:,.0f} GB/s{bound})"
 
 
 def training(fn):
@@ -130,6 +157,80 @@ def module_timings(name: str, module, x) -> None:
     report(f"{name} train b128", training(module.apply), variables, x[:128])
 
 
+SHUNTED_S_MAPS = [(56, 512), (28, 1024), (14, 1024), (7, 2048)]  # (side, hidden) of the FFNs' convs
+PVT_V2_B2_MAPS = [(14, 1280)]  # the one FFN map shunted_s does not have
+LOCAL_ENHANCEMENT_MAPS = [(56, 64)]  # V's conv in shunted_s' first stage: no GELU, no residual
+
+
+def conv_tilings(side: int, channels: int):
+    """Candidate tilings of the forward and input-gradient kernels: columns per program from the
+    whole (padded) row down to 8, 32 to 128 channels, 8 or 16 elements per thread."""
+    full = 1 << (side - 1).bit_length()
+    found = {depthwise.conv_tiling((1, side, side, channels))}
+    for block_w in sorted({full, 32, 16, 8}):
+        for block_c in (32, 64, 128):
+            for warps in (2, 4, 8):
+                if block_w <= full and channels % block_c == 0 and block_w * block_c // (32 * warps) in (8, 16):
+                    found.add(depthwise.Tiling(block_w, block_c, warps))
+    return sorted(found)
+
+
+def weight_grad_tilings(side: int, channels: int):
+    """Candidate tilings of the weight gradient: whole images or strips of 7 or 8 rows, whole rows
+    or strips of 16 columns, 4 to 16 elements of each of the 10 accumulators per thread."""
+    full = 1 << (side - 1).bit_length()
+    found = {depthwise.weight_grad_tiling((1, side, side, channels))}
+    rows = {side} | {next((r for r in (8, 7) if side % r == 0 and r < side), side)}
+    for block_h in rows:
+        for block_w in sorted({full, 16}):
+            for block_c in (32, 64):
+                for warps in (4, 8):
+                    if block_w <= full and channels % block_c == 0 and block_w * block_c // (32 * warps) in (4, 8, 16):
+                        found.add(depthwise.Tiling(block_w, block_c, warps, block_h))
+    return sorted(found)
+
+
+def depthwise_tiling_timings() -> None:
+    """Each depthwise kernel alone at each map shape under each candidate tiling; the fastest last."""
+    target = target_for(BF16, local_device())
+    best = []
+    for side, channels in SHUNTED_S_MAPS + PVT_V2_B2_MAPS + LOCAL_ENHANCEMENT_MAPS:
+        ffn = (side, channels) not in LOCAL_ENHANCEMENT_MAPS
+        keys = jax.random.split(jax.random.key(side * channels), 4)
+        x = jax.random.normal(keys[0], (256, side, side, channels), BF16)
+        g, slope = (jax.random.normal(k, (128, side, side, channels), BF16) for k in keys[1:3])
+        taps = 0.1 * jax.random.normal(keys[3], (9, channels), BF16)
+        bias = depthwise._edge_table(taps, taps[0], taps[1], residual=ffn) if ffn else taps[0]
+        zeros = jnp.zeros((channels,), BF16)
+        element_bytes = 2 * side * side * channels  # bytes of one bf16 map of one image
+        kernels = {
+            "forward b256": (lambda t: lambda x: depthwise._pallas_conv(x, taps, bias, ffn, target, ffn, tiling=t),
+                             (x,), 2 * 256, conv_tilings),
+            "input gradient b128": (lambda t: lambda g: depthwise._pallas_conv(g, taps, zeros, ffn, target, tiling=t),
+                                    (g,), 2 * 128, conv_tilings),
+        }
+        if ffn:
+            kernels["forward keeping the slope b128"] = (
+                lambda t: lambda x: depthwise._pallas_conv(x, taps, bias, True, target, True, True, tiling=t),
+                (x[:128],), 3 * 128, conv_tilings)
+            kernels["weight gradient with the slope b128"] = (
+                lambda t: lambda x, g, s: depthwise._pallas_weight_grad(x, g, s, target, t),
+                (x[:128], g, slope), 4 * 128, weight_grad_tilings)
+        else:
+            kernels["weight gradient b128"] = (lambda t: lambda x, g: depthwise._pallas_weight_grad(x, g, None, target, t),
+                                               (x[:128], g), 2 * 128, weight_grad_tilings)
+        for kernel, (make, args, maps, tilings) in kernels.items():
+            bytes_moved = maps * element_bytes
+            timed = [(report(f"{side}x{side}x{channels} {kernel} {tuple(t)}", make(t), *args, bytes_moved=bytes_moved), t)
+                     for t in tilings(side, channels)]
+            default = timed[[t for _, t in timed].index(
+                (depthwise.weight_grad_tiling if "weight" in kernel else depthwise.conv_tiling)(args[0].shape))][0]
+            ms, tiling = min((ms, t) for ms, t in timed if ms is not None)
+            best.append(f"{side}x{side}x{channels} {kernel}: {tuple(tiling)} {ms:.3f} ms"
+                        f"{memory_bound_note(bytes_moved, ms)}; the default tiling {default:.3f} ms")
+    print("fastest tilings (block_w, block_c, warps, block_h):", *best, sep="\n  ")
+
+
 def device_ops_timings(batch: int = 128, size: int = 224, level: float = 0.9) -> None:
     images = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
     keys = device_ops.example_keys(jax.random.key(0), 1, jnp.arange(batch))
@@ -182,6 +283,8 @@ def main(part: str) -> None:
                 module_timings(f"ffn module, depthwise {impl} {side}x{side}x{channels}->{hidden}",
                                FeedForward(hidden, dtype=BF16, kernels=f"depthwise={impl}"),
                                jax.random.normal(key, (256, side, side, channels), BF16))
+    if part in ("depthwise_tilings", "all"):
+        depthwise_tiling_timings()
     if part in ("device_ops", "all"):
         device_ops_timings()
 

@@ -1,9 +1,9 @@
 """Images/s of the official PyTorch Shunted model, and of timm's PVTv2, measured the way
 `benchmarks.step` measures ours, so that the comparison can be made again on any GPU, beside ours.
 
-    python -m benchmarks.torch_reference --official PATH/SSA.py --model shunted_s [--compile]
+    python -m benchmarks.torch_reference --official PATH/SSA.py --model shunted_s [--compile [MODE]]
         [--batch 128] [--eval-batch 256] [--steps 20] [--json FILE]
-    python -m benchmarks.torch_reference --model pvt_v2_b2 [--compile] ...
+    python -m benchmarks.torch_reference --model pvt_v2_b2 [--compile [MODE]] ...
 
 PATH is a checkout of OliverRensu/Shunted-Transformer (its SSA.py imports timm); none of its code
 is in this repository. The PVTv2 models come from timm (`timm.create_model`), which PVT's own
@@ -11,7 +11,8 @@ repository builds on. Synthetic data on the device, 224x224, bf16 autocast. The 
 of the batch with its reverse (soft targets, as the official recipe's mixup gives), forward,
 soft-target cross-entropy, backward, fused AdamW (lr 1e-3, weight decay 0.05), parameters and
 optimizer state in float32. Inference: eval mode under `torch.inference_mode`. With `--compile`
-the model is `torch.compile`d and the first step's extra time is reported as the compile time.
+the model is `torch.compile`d (mode "default"; `--compile reduce-overhead` adds CUDA graphs, each
+step marked as one for them) and the first step's extra time is reported as the compile time.
 Each part: the same warm-up steps as `benchmarks.step`, then `--steps` timed ones between
 device synchronisations. Run it where shunted_jax is importable (installed, or on PYTHONPATH).
 """
@@ -31,6 +32,8 @@ NUM_CLASSES = 1000
 SHUNTED = ("shunted_t", "shunted_s", "shunted_b")
 TIMM = ("pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5")
 MIX = 0.7  # weight of each image against its partner in the reversed batch
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def load_official(path: pathlib.Path):
@@ -85,9 +88,17 @@ def synthetic_batch(batch: int, image_size: int, device: torch.device):
     return images, one_hot
 
 
-def train_step_fn(model, optimizer, images, one_hot, device: torch.device):
+def new_step(cuda_graphs: bool) -> None:
+    """Tells torch.compile's CUDA graphs that a step begins, so that it may reuse the memory of
+    the last step's outputs."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def train_step_fn(model, optimizer, images, one_hot, device: torch.device, cuda_graphs: bool = False):
     """One step of training; the mixing is in the step, as the JAX step's on-device mixup is."""
     def step():
+        new_step(cuda_graphs)
         mixed = MIX * images + (1 - MIX) * images.flip(0)
         targets = MIX * one_hot + (1 - MIX) * one_hot.flip(0)
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -111,12 +122,14 @@ def measured(batch: int, first: float, per_step: float, compiled: bool, device: 
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(args.model, args.official).to(device)
-    runner = torch.compile(model) if args.compile else model
+    runner = torch.compile(model, mode=args.compile) if args.compile else model
+    cuda_graphs = args.compile in CUDA_GRAPH_MODES
     result = {"model": args.model, "framework": "torch", "compile": args.compile, "image_size": args.image_size,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "python": platform.python_version()}
     source = "official" if args.model in SHUNTED else "timm"
-    print(f"{source} {args.model} (PyTorch {torch.__version__}{', torch.compile' if args.compile else ', eager'}) "
+    how = f"torch.compile mode={args.compile}" if args.compile else "eager"
+    print(f"{source} {args.model} (PyTorch {torch.__version__}, {how}) "
           f"bf16 autocast {args.image_size}px on {result['device']}", flush=True)
     if args.eval_batch:
         model.eval()
@@ -124,6 +137,7 @@ def run(args) -> dict:
 
         @torch.inference_mode()
         def infer():
+            new_step(cuda_graphs)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return runner(images)
 
@@ -133,7 +147,8 @@ def run(args) -> dict:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05,
                                       fused=device.type == "cuda")
-        step = train_step_fn(runner, optimizer, *synthetic_batch(args.batch, args.image_size, device), device)
+        step = train_step_fn(runner, optimizer, *synthetic_batch(args.batch, args.image_size, device), device,
+                             cuda_graphs)
         result["train"] = measured(args.batch, *time_steps(step, device, args.steps), args.compile, device)
         print(format_part("train", result["train"]), flush=True)
     return result
@@ -150,7 +165,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", metavar="PATH/SSA.py", help="the official model file (for the Shunted models)")
     parser.add_argument("--model", required=True, choices=SHUNTED + TIMM)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the model in MODE (default: default; reduce-overhead adds CUDA graphs)")
     add_measurement_arguments(parser)
     return parser
 

@@ -1,4 +1,5 @@
 """The Pallas depthwise kernels (run by Pallas' interpreter on the CPU) against XLA's convolution."""
+import functools
 import re
 
 import jax
@@ -9,7 +10,8 @@ from helpers.models import fixture_model_and_variables
 from helpers.models import outputs_and_grads as module_outputs_and_grads
 
 from shunted_jax import kernels
-from shunted_jax.kernels.depthwise import _edge_table
+from shunted_jax.kernels.common import local_device, target_for
+from shunted_jax.kernels.depthwise import Tiling, _edge_table, _pallas_conv, _pallas_weight_grad
 from shunted_jax.models.layers import DepthwiseConv3x3
 
 
@@ -96,3 +98,31 @@ def test_every_depthwise_conv_of_the_model_takes_the_pallas_path():
         assert grouped_convolutions(pallas, variables, images) == 0
         logits = pallas.apply(variables, images)
         np.testing.assert_allclose(logits, arrays["logits_fp64"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("conv_tiling, grad_tiling", [
+    (Tiling(block_w=4, block_c=32, warps=8), Tiling(block_w=4, block_c=32, warps=4, block_h=2)),
+    (Tiling(block_w=2, block_c=64, warps=4), Tiling(block_w=8, block_c=64, warps=8, block_h=1)),
+])
+def test_every_tiling_computes_the_same_sums(conv_tiling, grad_tiling):
+    """Strips of columns (the last one partly outside a 6-wide map), of rows, and other channel
+    blocks give the default tiling's results in float64: forward exactly, the weight gradient's
+    sums (added in another order) to rounding."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        x, g, slope = (jnp.asarray(rng.standard_normal((2, 4, 6, 64))) for _ in range(3))
+        taps, bias = jnp.asarray(rng.standard_normal((9, 64))), jnp.asarray(rng.standard_normal(64))
+        target = target_for(jnp.float64, local_device())
+        conv = functools.partial(_pallas_conv, x, taps, bias, True, target, apply_gelu=True, keep_slope=True)
+        for got, want in zip(conv(tiling=conv_tiling), conv()):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(_pallas_weight_grad(x, g, slope, target, grad_tiling),
+                             _pallas_weight_grad(x, g, slope, target)):
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_a_tiling_that_does_not_divide_the_map_is_refused():
+    x = jnp.zeros((1, 4, 4, 64), jnp.float32)
+    target = target_for(jnp.float32, local_device())
+    with pytest.raises(ValueError, match="does not tile a map"):
+        _pallas_conv(x, jnp.zeros((9, 64)), jnp.zeros(64), False, target, tiling=Tiling(4, 48, 4))

@@ -8,6 +8,7 @@ memory, hence masked loads and approximate PTX instructions inside the GELU. Off
 Pallas' interpreter runs them (for tests).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,14 +58,24 @@ def _shifted_taps(ref, batch, row, columns, height, width, lanes, acc):
             for r, ok in _tap_rows(row, height) for dx in (-1, 0, 1)]
 
 
+class Tiling(NamedTuple):
+    """How a kernel splits a map: `block_w` columns (a power of two) and `block_c` channels per
+    program, `warps` warps each; the weight gradient's programs sum over `block_h` rows."""
+    block_w: int
+    block_c: int
+    warps: int
+    block_h: int = 1
+
+
 class _Row:
-    """Where a Pallas program works: one row of one image, one block of channels. Rows are the
-    grid's first axis, so programs launched together share their input rows in the cache."""
+    """Where a Pallas program works: one row of one image, a strip of columns, one block of
+    channels. Rows are the grid's first axis, so programs launched together share their input
+    rows in the cache."""
 
     def __init__(self, ref, height, width, block_w, block_c):
         self.row, self.batch = pl.program_id(0), pl.program_id(1)
         self.lanes = pl.program_id(2) * block_c + jnp.arange(block_c)
-        self.columns = jnp.arange(block_w)
+        self.columns = pl.program_id(3) * block_w + jnp.arange(block_w)
         self.height, self.width = height, width
         self.acc = accumulator(ref.dtype)
 
@@ -113,20 +124,22 @@ def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math
         here.store(out_refs[1], gelu_slope(z, cdf, fast_math))
 
 
-def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
-    """One image, one block of channels: the sums over the map of g times each of the 9
-    shifted inputs and of g alone. Products are summed row by row in (W, C) accumulators and
-    reduced over W once at the end. `with_slope`: g is the incoming gradient times GELU's slope
-    (a third input), rounded to the map's dtype and also written out (a second output) for the
-    input gradient's kernel."""
+def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c, block_h):
+    """One strip of `block_h` rows and `block_w` columns of one image, one block of channels: the
+    sums over it of g times each of the 9 shifted inputs and of g alone. Products are summed row
+    by row in (block_w, block_c) accumulators and reduced over the columns once at the end.
+    `with_slope`: g is the incoming gradient times GELU's slope (a third input), rounded to the
+    map's dtype and also written out (a second output) for the input gradient's kernel."""
     if with_slope:
         x_ref, g_ref, slope_ref, o_ref, dz_ref = refs
     else:
         x_ref, g_ref, o_ref = refs
     batch, lanes = pl.program_id(0), pl.program_id(1) * block_c + jnp.arange(block_c)
-    acc_dtype, columns = o_ref.dtype, jnp.arange(block_w)
+    strip, first_row = pl.program_id(2), pl.program_id(3) * block_h
+    acc_dtype, columns = o_ref.dtype, strip * block_w + jnp.arange(block_w)
 
-    def add_row(row, sums):
+    def add_row(i, sums):
+        row = first_row + i
         g = _load_shifted(g_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
         if with_slope:
             g = g * _load_shifted(slope_ref, batch, row, True, columns, 0, width, lanes, acc_dtype)
@@ -137,49 +150,66 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c):
         return tuple(s + g * x for s, x in zip(sums, taps + [1]))
 
     zeros = jnp.zeros((block_w, block_c), acc_dtype)
-    sums = jax.lax.fori_loop(0, height, add_row, (zeros,) * 10)
+    sums = jax.lax.fori_loop(0, block_h, add_row, (zeros,) * 10)
+    part = (batch * pl.num_programs(3) + pl.program_id(3)) * pl.num_programs(2) + strip
     for k, s in enumerate(sums):
-        o_ref[batch, k, lanes] = jnp.sum(s, axis=0)
+        o_ref[part, k, lanes] = jnp.sum(s, axis=0)
 
 
-def _tiling(x):
-    batch, height, width, channels = x.shape
-    block_c = _channel_block(channels)
-    tiling = dict(height=height, width=width, block_w=pl.next_power_of_2(width), block_c=block_c)
-    return tiling, (height, batch, channels // block_c)
+def conv_tiling(shape) -> Tiling:
+    """The forward and input-gradient kernels' tiling of a (B, H, W, C) map."""
+    _, _, width, channels = shape
+    return Tiling(block_w=pl.next_power_of_2(width), block_c=_channel_block(channels), warps=4)
 
 
-def _weight_grad_warps(block_w: int, block_c: int) -> int:
-    """Warps for 16 elements of each accumulator per thread, 4 to 8: fewer spill registers over a
-    64 x 64 tile, more are slower over a 32 x 64 one (BENCHMARKS.md)."""
-    return min(8, max(4, block_w * block_c // (32 * 16)))
+def weight_grad_tiling(shape) -> Tiling:
+    """The weight gradient's tiling: whole images, 16 elements of each accumulator per thread
+    with 4 to 8 warps (fewer spill registers over a 64 x 64 tile, more are slower over a
+    32 x 64 one: BENCHMARKS.md)."""
+    _, height, width, channels = shape
+    block_w, block_c = pl.next_power_of_2(width), _channel_block(channels)
+    return Tiling(block_w, block_c, warps=min(8, max(4, block_w * block_c // (32 * 16))), block_h=height)
 
 
-@traced_once("target")
-def _pallas_weight_grad(x, g, slope, target: Target):
-    """(10, C): the 9 tap gradients and the bias gradient, per image from the kernel, summed by
+def _check_tiling(shape, tiling: Tiling) -> None:
+    _, height, _, channels = shape
+    if channels % tiling.block_c or height % tiling.block_h or tiling.block_w & (tiling.block_w - 1):
+        raise ValueError(f"{tiling} does not tile a map of shape {shape}: block_c must divide the channels, "
+                         "block_h the rows, and block_w must be a power of two.")
+
+
+@traced_once("target", "tiling")
+def _pallas_weight_grad(x, g, slope, target: Target, tiling: Tiling | None = None):
+    """(10, C): the 9 tap gradients and the bias gradient, per strip from the kernel, summed by
     XLA, and the gradient at z (g, or g times GELU's slope when `slope` is given)."""
-    tiling, (_, batch, _) = _tiling(x)
-    channels = x.shape[-1]
-    sums = jax.ShapeDtypeStruct((batch, 10, channels), accumulator(x.dtype))
+    batch, height, width, channels = x.shape
+    tiling = tiling or weight_grad_tiling(x.shape)
+    _check_tiling(x.shape, tiling)
+    grid = (batch, channels // tiling.block_c, pl.cdiv(width, tiling.block_w), height // tiling.block_h)
+    sums = jax.ShapeDtypeStruct((batch * grid[2] * grid[3], 10, channels), accumulator(x.dtype))
     with_slope = slope is not None
-    kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, **tiling)
-    warps = _weight_grad_warps(tiling["block_w"], tiling["block_c"])
+    kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, height=height, width=width,
+                               block_w=tiling.block_w, block_c=tiling.block_c, block_h=tiling.block_h)
     call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
-                          grid=(batch, channels // tiling["block_c"]), interpret=target.interpret,
-                          compiler_params=plt.CompilerParams(num_warps=warps))
+                          grid=grid, interpret=target.interpret,
+                          compiler_params=plt.CompilerParams(num_warps=tiling.warps))
     sums, g = call(x, g, slope) if with_slope else (call(x, g), g)
     return jnp.sum(sums, axis=0), g
 
 
-@traced_once("residual", "target", "apply_gelu", "keep_slope")
-def _pallas_conv(x, taps, bias, residual, target: Target, apply_gelu=False, keep_slope=False):
-    tiling, grid = _tiling(x)
+@traced_once("residual", "target", "apply_gelu", "keep_slope", "tiling")
+def _pallas_conv(x, taps, bias, residual, target: Target, apply_gelu=False, keep_slope=False,
+                 tiling: Tiling | None = None):
+    batch, height, width, channels = x.shape
+    tiling = tiling or conv_tiling(x.shape)
+    _check_tiling(x.shape, tiling)
     kernel = functools.partial(_conv_kernel, residual=residual, apply_gelu=apply_gelu, fast_math=target.fast_math,
-                               **tiling)
+                               height=height, width=width, block_w=tiling.block_w, block_c=tiling.block_c)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    grid = (height, batch, channels // tiling.block_c, pl.cdiv(width, tiling.block_w))
     return pl.pallas_call(kernel, out_shape=(out, out) if keep_slope else out, grid=grid,
-                          interpret=target.interpret, compiler_params=plt.CompilerParams())(x, taps, bias)
+                          interpret=target.interpret,
+                          compiler_params=plt.CompilerParams(num_warps=tiling.warps))(x, taps, bias)
 
 
 def _edge_table(taps, bias, input_bias, residual):
