@@ -1,7 +1,8 @@
 """Isolated timings of the attention core, the detail-specific FFN and the depthwise conv at every
 Shunted stage shape.
 
-    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|depthwise_tilings|device_ops|all]
+    python -m benchmarks.kernels [attention|pvt_attention|ffn|depthwise|depthwise_kernels|depthwise_tilings|
+                                  device_ops|all]
 
 Each candidate is jitted, run 3 times to warm up, then timed over 20 runs: inference is the
 forward at batch 256, training the forward and backward at batch 128, bf16, head dim 32
@@ -11,7 +12,7 @@ times the model's DepthwiseConv3x3 (with the FFN's residual) and FeedForward mod
 kernel alone (the forward, the forward that keeps GELU's slope, the weight and the input
 gradient) at every stage shape of shunted_s and pvt_v2_b2 under each candidate tiling, against
 the card's memory bound (the bytes the kernel must read and write over its peak bandwidth), and
-prints the fastest tiling of each.
+prints the fastest tiling of each; "depthwise_kernels" times them under the tiling the model uses.
 "pvt_attention" runs the attention candidates at PVTv2-b2's shapes (head dim 64, 49 keys) and
 first prints the Pallas kernels' largest error against float32 einsums, forward and gradients.
 "device_ops" times the train step's device preprocessing on a uint8 batch of 128 x 224^2: the
@@ -190,8 +191,9 @@ def weight_grad_tilings(side: int, channels: int):
     return sorted(found)
 
 
-def depthwise_tiling_timings() -> None:
-    """Each depthwise kernel alone at each map shape under each candidate tiling; the fastest last."""
+def depthwise_tiling_timings(sweep: bool = True) -> None:
+    """Each depthwise kernel alone at each map shape under each candidate tiling (`sweep`) or the
+    model's; the fastest of each last."""
     target = target_for(BF16, local_device())
     best = []
     for side, channels in SHUNTED_S_MAPS + PVT_V2_B2_MAPS + LOCAL_ENHANCEMENT_MAPS:
@@ -221,10 +223,10 @@ def depthwise_tiling_timings() -> None:
                                                (x[:128], g), 2 * 128, weight_grad_tilings)
         for kernel, (make, args, maps, tilings) in kernels.items():
             bytes_moved = maps * element_bytes
+            model_tiling = (depthwise.weight_grad_tiling if "weight" in kernel else depthwise.conv_tiling)(args[0].shape)
             timed = [(report(f"{side}x{side}x{channels} {kernel} {tuple(t)}", make(t), *args, bytes_moved=bytes_moved), t)
-                     for t in tilings(side, channels)]
-            default = timed[[t for _, t in timed].index(
-                (depthwise.weight_grad_tiling if "weight" in kernel else depthwise.conv_tiling)(args[0].shape))][0]
+                     for t in (tilings(side, channels) if sweep else [model_tiling])]
+            default = timed[[t for _, t in timed].index(model_tiling)][0]
             ms, tiling = min((ms, t) for ms, t in timed if ms is not None)
             best.append(f"{side}x{side}x{channels} {kernel}: {tuple(tiling)} {ms:.3f} ms"
                         f"{memory_bound_note(bytes_moved, ms)}; the default tiling {default:.3f} ms")
@@ -283,8 +285,8 @@ def main(part: str) -> None:
                 module_timings(f"ffn module, depthwise {impl} {side}x{side}x{channels}->{hidden}",
                                FeedForward(hidden, dtype=BF16, kernels=f"depthwise={impl}"),
                                jax.random.normal(key, (256, side, side, channels), BF16))
-    if part in ("depthwise_tilings", "all"):
-        depthwise_tiling_timings()
+    if part in ("depthwise_tilings", "depthwise_kernels", "all"):
+        depthwise_tiling_timings(sweep=part != "depthwise_kernels")
     if part in ("device_ops", "all"):
         device_ops_timings()
 
