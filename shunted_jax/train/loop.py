@@ -33,16 +33,6 @@ def initialize_distributed(distributed_config) -> None:
         jax.distributed.initialize()
 
 
-def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_steps: int, what: str) -> None:
-    """Each (micro-)batch is split evenly over all devices and processes, or we stop here."""
-    devices = mesh.devices.size
-    micro = batch_size // accumulation_steps
-    if batch_size % accumulation_steps or micro % devices or batch_size % process_count:
-        raise ConfigError(f"{what}={batch_size} must split into {accumulation_steps} micro-batch(es) "
-                         f"each divisible by the {devices} devices of the mesh (and by {process_count} "
-                         "process(es))")
-
-
 def check_evaluation_splits(config) -> None:
     """Every evaluator has a split to read (an empty split finds the dataset's own), before anything
     is compiled rather than at the first evaluation."""
@@ -129,14 +119,13 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
             cleanup.enter_context(workdirs.hold(workdir))
             changes = resume.check_config(workdir, config)
         mesh = step.make_mesh(config.mesh)
-        check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
-                         "global_batch_size")
-        check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
+        data.check_batch_size(config.global_batch_size, jax.process_count(), mesh.devices.size,
+                              config.accumulation_steps)
+        data.check_batch_size(config.eval_batch_size, jax.process_count(), mesh.devices.size, name="eval_batch_size")
 
         info = data.dataset_info(config.data)
         check_evaluation_splits(config)
-        steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
-                                               jax.process_count())
+        steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size)
         total_steps = optim.total_train_steps(config, steps_per_epoch)
 
         model = step.create_model(config.model, info.num_classes)
