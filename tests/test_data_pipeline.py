@@ -100,6 +100,21 @@ def test_steps_per_epoch_counts_whole_global_batches():
         data.steps_per_epoch(8, 16)
 
 
+@pytest.mark.parametrize("overrides", [{"name": "synthetic"}, {"name": "synthetic", "synthetic_dtype": "float32"},
+                                       {}, {"pp_train": PLAIN_PP}], ids=["synthetic uint8", "synthetic float32",
+                                                                         "demo uint8", "demo float32"])
+def test_the_train_batch_spec_is_what_the_iterators_yield_over_all_processes(demo_data_dir, overrides):
+    cfg = small_config(data_dir=demo_data_dir, **overrides)
+    local = next(data.train_iterator(cfg, 8, 1, 2))
+    assert local["image"].shape[0] == 4
+    assert data.train_batch_spec(cfg, 8) == {name: ((8, *array.shape[1:]), array.dtype) for name, array in local.items()}
+
+
+def test_a_training_string_of_no_fixed_size_says_how_to_fix_it(demo_data_dir):
+    with pytest.raises(ValueError, match=r"unknown shape \(None, None, 3\); end it with a fixed-size op"):
+        data.train_batch_spec(small_config(data_dir=demo_data_dir, pp_train="decode_uint8"), 8)
+
+
 def test_bad_config_values_fail_early():
     with pytest.raises(ValueError, match="on_corrupt"):
         data.dataset_info(small_config(name="synthetic", on_corrupt="ignore"))

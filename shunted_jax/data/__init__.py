@@ -17,7 +17,7 @@ from shunted_jax.data.config import check_batch_size, default_config, steps_per_
 from shunted_jax.data.stream import StreamPosition
 
 __all__ = ["DatasetInfo", "StreamPosition", "check_batch_size", "dataset_info", "default_config", "eval_iterator",
-           "steps_per_epoch", "train_iterator", "with_defaults"]
+           "steps_per_epoch", "train_batch_spec", "train_iterator", "with_defaults"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,21 @@ def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_
     from shunted_jax.data import pipeline
 
     return pipeline.train_batches(cfg, global_batch_size, process_index, process_count, start_step, start=start)
+
+
+def train_batch_spec(cfg, global_batch_size: int) -> dict:
+    """{name: (shape, numpy dtype)} of each array of a global training batch, known without reading
+    the data: the train step compiles for it while the first batches are still on their way."""
+    cfg = with_defaults(cfg)
+    _config.validate(cfg)
+    if _is_synthetic(cfg):
+        one = next(_synthetic.train_batches(cfg, 1, 0, 1))
+        example = {name: (array.shape[1:], array.dtype) for name, array in one.items()}
+    else:
+        from shunted_jax.data import pipeline
+
+        example = pipeline.train_example_spec(cfg)
+    return {name: ((global_batch_size, *shape), dtype) for name, (shape, dtype) in example.items()}
 
 
 def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:

@@ -146,6 +146,20 @@ def train_batches(
     return _endless(plan, position.epoch, position.example // process_count)
 
 
+def train_example_spec(cfg) -> dict:
+    """{name: (shape, numpy dtype)} of one training example, read off the pipeline's graph: no record
+    is read. The images' shape must be fixed, as the train step is compiled for it."""
+    preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
+    records = make_source(cfg).train_epoch(0, 1, 0, 1).enumerate()
+    spec = records.map(record_copies(preprocess, 1, True, tf.constant(0, tf.int64))).element_spec
+    if not spec["image"].shape.is_fully_defined():
+        raise ValueError(
+            f"data.pp_train gives images of unknown shape {spec['image'].shape[1:]}; end it with a fixed-size op "
+            "such as decode_and_inception_crop(SIZE), resize(SIZE) or center_crop(SIZE)."
+        )
+    return {name: (tuple(value.shape[1:]), np.dtype(value.dtype.as_numpy_dtype)) for name, value in spec.items()}
+
+
 def check_preprocessing(cfg) -> None:
     """Parses cfg's preprocessing strings (the ops are registered by now), so that a bad one fails
     here, before a training run's slow start."""

@@ -2,7 +2,6 @@
 and Flax's imagenet example's: config -> mesh -> data -> model and state -> restore -> steps,
 with checkpoints and evaluations on the way."""
 import contextlib
-import itertools
 import json
 import signal
 import time
@@ -176,15 +175,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         pending, results, saving = [], {}, None
         train_start, first_step_done, eval_seconds = time.perf_counter(), None, 0.0
         with PreemptionWatcher() as preemption:
-            first_batch = next(batches)
             what = console.describe_step("train step", config, info.image_size, mesh)
             if keep_compiled_step:
+                shapes = data.train_batch_spec(config.data, config.global_batch_size)
+                batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=step.batch_sharding(mesh))
+                              for name, (shape, dtype) in shapes.items()}
                 train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, first_batch), name="train_step", config=config,
+                    train_step, (train_state, batch_spec), name="train_step", config=config,
                     context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
             else:
                 train_step = compilation_cache.announce_first_call(train_step, what)
-            batches = itertools.chain([first_batch], batches)
             last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
                 train_state, step_metrics = train_step(train_state, next(batches))
