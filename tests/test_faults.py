@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers.processes import checkpoint_steps, run_train, start_train, wait_for_line
-from shunted_jax.train import checkpoint, console, metrics
+from shunted_jax.train import checkpoint, console, metrics, workarounds
 
 STEPS = ("--config.num_train_steps=6", "--config.checkpoint.every_steps=2")
 
@@ -100,7 +100,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumed(tra
 def test_the_console_filter_drops_library_chatter_and_keeps_our_lines_and_library_warnings():
     def shown(path, level=logging.INFO):
         record = logging.LogRecord("absl", level, path, 1, "message", None, None)
-        return console._DropLibraryRecords().filter(record)
+        return workarounds.LibraryRecordFilter().filter(record)
 
     site = "/usr/lib/python3.11/site-packages"
     assert shown("/work/shunted_jax/train/loop.py")  # the progress line
@@ -125,7 +125,7 @@ def test_the_errors_of_abandoned_orbax_reads_are_dropped_and_no_others():
 
     other = our_coroutine()
     reports = []
-    hook = console.drop_orbax_leftovers(reports.append)
+    hook = workarounds.drop_orbax_leftovers(reports.append)
 
     def report(obj, error):
         return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=obj)
