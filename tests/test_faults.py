@@ -197,15 +197,15 @@ def test_a_full_disk_stops_at_the_failed_save_with_one_line(tmp_path):
         assert len(result.stderr.splitlines()) < 60
 
 
-@pytest.mark.parametrize("exists", [False, True])
-def test_eval_of_a_missing_or_empty_workdir_says_there_is_no_checkpoint(tmp_path, exists):
+@pytest.mark.parametrize("exists, says", [(False, "no checkpoint to evaluate: --workdir {workdir} does not exist"),
+                                          (True, "no checkpoint to evaluate in {workdir}/checkpoints")])
+def test_eval_of_a_missing_or_empty_workdir_says_there_is_no_checkpoint_and_creates_nothing(tmp_path, exists, says):
     workdir = tmp_path / "w"
     if exists:
         workdir.mkdir()
     result = run_train(workdir, *STEPS, "--mode=eval", check=False)
-    assert "no checkpoint to evaluate" in error_line(result)
-    assert [p.name for p in tmp_path.iterdir()] == (["w"] if exists else [])
-    assert not exists or not any(workdir.iterdir())
+    assert error_line(result) == "error: " + says.format(workdir=workdir)
+    assert sorted(tmp_path.rglob("*")) == ([workdir] if exists else [])
 
 
 def test_eval_on_read_only_storage_skips_a_damaged_latest_checkpoint(trained, tmp_path):
