@@ -227,7 +227,7 @@ def append_json_line(path, result: dict) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from shunted_jax.train import compilation_cache
+    from configs import common
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=models.list_models())
@@ -236,7 +236,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", metavar="DIR",
                         help="write jax.profiler traces of 3 inference and 3 train steps (with --device-pp's ops) "
                              "under DIR and print their GPU kernel time by kind")
-    parser.add_argument("--cache-dir", default=compilation_cache.DEFAULT_DIR,
+    parser.add_argument("--cache-dir", default=common.COMPILATION_CACHE_DIR,
                         help="persistent compilation cache ('' leaves JAX's own setting: off unless $JAX_COMPILATION_CACHE_DIR)")
     parser.add_argument("--device-pp", metavar="PP",
                         help="the train step's device ops (data.device_ops), instead of the config's data.device_pp_train")

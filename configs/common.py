@@ -8,11 +8,12 @@ import ml_collections
 from shunted_jax import data, models
 from shunted_jax.data import config as data_config
 from shunted_jax.data import device_ops
-from shunted_jax.train import compilation_cache
 
 # The demo's recipe (no RandAugment, no erasing): resize and flip on the host, uint8 out;
 # value range and normalisation on the device.
 DEMO_DEVICE_PP = "value_range(0,1)|normalize"
+# The default config.compilation_cache_dir (its ~ is expanded when a run starts); benchmarks/step.py's too.
+COMPILATION_CACHE_DIR = "~/.cache/shunted_jax/jax"
 
 
 def parse_arg(arg: str | None, config_file: str, **spec) -> ml_collections.ConfigDict:
@@ -76,7 +77,7 @@ def imagenet_config(model_name: str, *, drop_path_rate: float, grad_clip_norm: f
     config.prefetch_to_device = 2  # global batches put on the devices ahead of the step
     # Compiled programs persist here, so a restarted run does not compile again; "" leaves JAX's own
     # setting (off unless $JAX_COMPILATION_CACHE_DIR is set).
-    config.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+    config.compilation_cache_dir = COMPILATION_CACHE_DIR
 
     config.global_batch_size = 1024
     config.eval_batch_size = 1024

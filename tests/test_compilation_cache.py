@@ -14,7 +14,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec
 
-from shunted_jax.train import compilation_cache, console
+from shunted_jax.train import compilation_cache, console, workarounds
 
 
 def scaled(x, y):
@@ -189,7 +189,7 @@ def test_a_step_served_by_jaxs_cache_is_not_kept_on_the_cpu(store):
 def test_a_kept_step_that_does_not_run_is_deleted_and_compiled_instead(store, monkeypatch, caplog):
     """With the CPU listed as keeping served steps, the store keeps XLA:CPU's broken copy: loaded,
     it fails on its first call, and the step is compiled instead, once."""
-    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
+    monkeypatch.setattr(workarounds, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
     x, y = inputs()
     compiled_twice(store, subtract_three, (x, y))
     [path] = store.iterdir()
@@ -202,7 +202,7 @@ def test_a_kept_step_that_does_not_run_is_deleted_and_compiled_instead(store, mo
 
 def test_a_kept_step_that_fails_after_taking_donated_arguments_stops_the_run(store, monkeypatch):
     """The train state is donated: a failed first call has consumed it, so it cannot be retried."""
-    monkeypatch.setattr(compilation_cache, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
+    monkeypatch.setattr(workarounds, "PLATFORMS_KEEPING_SERVED_STEPS", ("cpu",))
     x, y = inputs()
 
     def donating():
@@ -225,8 +225,8 @@ def fake_device(platform: str, version: str):
                                                      ("gpu", "<unknown>", "gpu"), ("tpu", "PJRT C API", "tpu")])
 def test_the_platform_names_a_gpus_runtime(platform, version, name):
     """JAX calls CUDA and ROCm devices both "gpu"; only CUDA was checked to keep served steps."""
-    assert compilation_cache.platform_name(fake_device(platform, version)) == name
-    assert compilation_cache.platform_name(jax.devices()[0]) == jax.default_backend() == "cpu"
+    assert workarounds.platform_name(fake_device(platform, version)) == name
+    assert workarounds.platform_name(jax.devices()[0]) == jax.default_backend() == "cpu"
 
 
 class Planted:

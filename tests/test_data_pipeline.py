@@ -75,10 +75,44 @@ def test_synthetic_eval_counts_every_example_once():
     assert (partial["image"][~partial["mask"]] == 0).all() and partial["image"][partial["mask"]].any(axis=(1, 2, 3)).all()
 
 
-@pytest.mark.parametrize("global_batch, processes", [(10, 3), (0, 1)])
-def test_batch_size_must_divide_among_processes(global_batch, processes):
-    with pytest.raises(ValueError, match="multiple of process_count"):
-        data.train_iterator(small_config(name="synthetic"), global_batch, 0, processes)
+@pytest.mark.parametrize("global_batch, processes, suggested", [(10, 3, 12), (0, 1, 1)])
+def test_batch_size_must_divide_among_processes(global_batch, processes, suggested):
+    for iterator in (data.train_iterator, data.eval_iterator):
+        with pytest.raises(ValueError, match=f"global_batch_size={global_batch} must be a positive multiple of "
+                                             f"{processes}: .* choose e.g. {suggested}"):
+            iterator(small_config(name="synthetic"), global_batch, 0, processes)
+
+
+@pytest.mark.parametrize("batch, processes, devices, accumulation, multiple", [
+    (24, 1, 8, 1, 8), (16, 1, 8, 2, 16), (24, 3, 2, 1, 6), (36, 2, 4, 3, 12)])
+def test_one_check_splits_a_batch_over_micro_batches_devices_and_processes(batch, processes, devices, accumulation,
+                                                                          multiple):
+    data.check_batch_size(batch, processes, devices, accumulation)
+    with pytest.raises(ValueError, match=f"eval_batch_size={batch + processes} must be a positive multiple of "
+                                         f"{multiple}: {accumulation} micro-batch.* {devices} devices.* "
+                                         f"{processes} process"):
+        data.check_batch_size(batch + processes, processes, devices, accumulation, name="eval_batch_size")
+
+
+def test_steps_per_epoch_counts_whole_global_batches():
+    assert data.steps_per_epoch(100, 32) == 3
+    with pytest.raises(ValueError, match="8 examples: too few for one global batch of 16"):
+        data.steps_per_epoch(8, 16)
+
+
+@pytest.mark.parametrize("overrides", [{"name": "synthetic"}, {"name": "synthetic", "synthetic_dtype": "float32"},
+                                       {}, {"pp_train": PLAIN_PP}], ids=["synthetic uint8", "synthetic float32",
+                                                                         "demo uint8", "demo float32"])
+def test_the_train_batch_spec_is_what_the_iterators_yield_over_all_processes(demo_data_dir, overrides):
+    cfg = small_config(data_dir=demo_data_dir, **overrides)
+    local = next(data.train_iterator(cfg, 8, 1, 2))
+    assert local["image"].shape[0] == 4
+    assert data.train_batch_spec(cfg, 8) == {name: ((8, *array.shape[1:]), array.dtype) for name, array in local.items()}
+
+
+def test_a_training_string_of_no_fixed_size_says_how_to_fix_it(demo_data_dir):
+    with pytest.raises(ValueError, match=r"unknown shape \(None, None, 3\); end it with a fixed-size op"):
+        data.train_batch_spec(small_config(data_dir=demo_data_dir, pp_train="decode_uint8"), 8)
 
 
 def test_bad_config_values_fail_early():

@@ -80,3 +80,18 @@ def test_closing_waits_for_the_batch_in_transfer():
     in_transfer.wait()
     batches.close()
     assert not any(t.is_alive() for t in threading.enumerate() if t.name == "prefetch_to_device")
+
+
+def test_reads_before_the_first_batch_is_asked_for_and_closes_untouched():
+    """The loop compiles the step meanwhile; a run that stops before its first step still closes it."""
+    reading = threading.Event()
+
+    def source():
+        reading.set()
+        yield from range(10)
+
+    batches = prefetch_to_device(source(), lambda b: b, size=2)
+    assert reading.wait(timeout=60)
+    batches.close()
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name == "prefetch_to_device")
+    assert list(batches) == []

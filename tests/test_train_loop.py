@@ -145,7 +145,7 @@ def small_config():
 def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
     config = small_config()
     config.global_batch_size = 12
-    with pytest.raises(loop.ConfigError, match="global_batch_size=12 .* 8 devices"):
+    with pytest.raises(ValueError, match="global_batch_size=12 .* 8 devices"):
         loop.train_and_evaluate(config, tmp_path / "batch")
     config = small_config()
     config.model.name = "shunted_xl"
@@ -156,7 +156,7 @@ def test_clear_errors_for_batch_size_model_name_and_workdir(tmp_path):
         loop.train_and_evaluate(small_config(), tmp_path / "file" / "workdir")
     config = small_config()
     config.data.num_train_examples = 8
-    with pytest.raises(ValueError, match="8 examples.*too few for one local batch of 16"):
+    with pytest.raises(ValueError, match="8 examples.*too few for one global batch of 16"):
         loop.train_and_evaluate(config, tmp_path / "split")
 
 

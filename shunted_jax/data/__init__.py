@@ -13,11 +13,11 @@ from typing import Iterator
 
 from shunted_jax.data import config as _config
 from shunted_jax.data import synthetic as _synthetic
-from shunted_jax.data.config import default_config, steps_per_epoch, with_defaults
+from shunted_jax.data.config import check_batch_size, default_config, steps_per_epoch, with_defaults
 from shunted_jax.data.stream import StreamPosition
 
-__all__ = ["DatasetInfo", "StreamPosition", "dataset_info", "default_config", "eval_iterator", "steps_per_epoch",
-           "train_iterator", "with_defaults"]
+__all__ = ["DatasetInfo", "StreamPosition", "check_batch_size", "dataset_info", "default_config", "eval_iterator",
+           "steps_per_epoch", "train_batch_spec", "train_iterator", "with_defaults"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +65,29 @@ def train_iterator(cfg, global_batch_size: int, process_index: int = 0, process_
     """
     cfg = with_defaults(cfg)
     _config.validate(cfg)
-    local_batch = _config.local_batch_size(global_batch_size, process_count)
     _check_process(process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     if _is_synthetic(cfg):
-        return _synthetic.train_batches(cfg, local_batch, process_index, start_step)
+        return _synthetic.train_batches(cfg, global_batch_size, process_index, process_count)
     from shunted_jax.data import pipeline
 
-    return pipeline.train_batches(cfg, local_batch, process_index, process_count, start_step, start=start)
+    return pipeline.train_batches(cfg, global_batch_size, process_index, process_count, start_step, start=start)
+
+
+def train_batch_spec(cfg, global_batch_size: int) -> dict:
+    """{name: (shape, numpy dtype)} of each array of a global training batch, known without reading
+    the data: the train step compiles for it while the first batches are still on their way."""
+    cfg = with_defaults(cfg)
+    _config.validate(cfg)
+    if _is_synthetic(cfg):
+        one = next(_synthetic.train_batches(cfg, 1, 0, 1))
+        example = {name: (array.shape[1:], array.dtype) for name, array in one.items()}
+    else:
+        from shunted_jax.data import pipeline
+
+        example = pipeline.train_example_spec(cfg)
+    return {name: ((global_batch_size, *shape), dtype) for name, (shape, dtype) in example.items()}
 
 
 def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
@@ -81,13 +95,12 @@ def eval_iterator(cfg, global_batch_size: int, process_index: int = 0, process_c
     processes, padding masked out, the same number of batches on every process."""
     cfg = with_defaults(cfg)
     _config.validate(cfg)
-    local_batch = _config.local_batch_size(global_batch_size, process_count)
     _check_process(process_index, process_count)
     if _is_synthetic(cfg):
-        return _synthetic.eval_batches(cfg, local_batch, process_index, process_count)
+        return _synthetic.eval_batches(cfg, global_batch_size, process_index, process_count)
     from shunted_jax.data import pipeline
 
-    return pipeline.eval_batches(cfg, local_batch, process_index, process_count)
+    return pipeline.eval_batches(cfg, global_batch_size, process_index, process_count)
 
 
 def _check_process(process_index: int, process_count: int) -> None:

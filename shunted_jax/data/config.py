@@ -1,4 +1,5 @@
 """The data configuration: one ConfigDict with every field the input pipelines read."""
+import math
 import os
 
 import ml_collections
@@ -105,25 +106,34 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("\n".join(found))
 
 
-def local_batch_size(global_batch_size: int, process_count: int) -> int:
-    """Each process feeds its own devices an equal share of the global batch."""
-    if global_batch_size < 1 or process_count < 1 or global_batch_size % process_count:
+def check_batch_size(batch_size: int, process_count: int, devices: int = 1, accumulation_steps: int = 1,
+                     name: str = "global_batch_size") -> None:
+    """The one check that a global batch splits evenly: into `accumulation_steps` micro-batches, each
+    shared by the `devices` devices of the mesh, and into one equal share per process."""
+    multiple = math.lcm(accumulation_steps * devices, process_count)
+    if batch_size < 1 or batch_size % multiple:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}; "
-            f"choose e.g. {max(1, global_batch_size // max(process_count, 1)) * max(process_count, 1)}."
+            f"{name}={batch_size} must be a positive multiple of {multiple}: {accumulation_steps} micro-batch(es), "
+            f"each split evenly over {devices} devices, and an equal share for each of {process_count} process(es); "
+            f"choose e.g. {max(1, math.ceil(batch_size / multiple)) * multiple}."
         )
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Each process's share of the global batch: the one place where a global batch size is divided."""
+    check_batch_size(global_batch_size, process_count)
     return global_batch_size // process_count
 
 
-def steps_per_epoch(num_train: int, global_batch_size: int, process_count: int) -> int:
-    """Full global batches in an epoch: each process makes full local batches from its share of the
-    training split (the few examples left over are dropped)."""
-    local_batch = local_batch_size(global_batch_size, process_count)
-    steps = (num_train // process_count) // local_batch
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+    """Full global batches in an epoch (the few examples left over are dropped). Each process's share
+    of the training split holds at least num_train // process_count examples, so it makes its local
+    batch for each of these steps."""
+    steps = num_train // global_batch_size
     if steps == 0:
         raise ValueError(
-            f"the training split has {num_train} examples, {num_train // process_count} per process: "
-            f"too few for one local batch of {local_batch}; lower the batch size."
+            f"the training split has {num_train} examples: too few for one global batch of {global_batch_size}; "
+            "lower the batch size."
         )
     return steps
 

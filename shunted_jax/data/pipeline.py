@@ -127,7 +127,7 @@ def _endless(plan: _TrainPlan, epoch: int, first_example: int) -> Iterator[dict]
 
 
 def train_batches(
-    cfg, local_batch: int, process_index: int, process_count: int, start_step: int, decode_once: bool = True,
+    cfg, global_batch_size: int, process_index: int, process_count: int, start_step: int, decode_once: bool = True,
     start: StreamPosition | None = None,
 ) -> Iterator[dict]:
     """Sets everything up now, so that bad input fails here rather than at the first batch.
@@ -137,13 +137,27 @@ def train_batches(
     copy, as the data benchmark's reference: the same batches at a higher cost, but for the border
     pixels of a decode_and_inception_crop of a JPEG, which decodes only the crop (ops.decode_and_crop).
     """
+    local_batch = config_lib.local_batch_size(global_batch_size, process_count)
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
-    steps = config_lib.steps_per_epoch(source.num_train, local_batch * process_count, process_count)
+    steps = config_lib.steps_per_epoch(source.num_train, global_batch_size)
     plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count, decode_once)
-    global_batch = local_batch * process_count
-    position = (start or StreamPosition.at_step(start_step, steps, global_batch)).fitted(steps, global_batch)
+    position = (start or StreamPosition.at_step(start_step, steps, global_batch_size)).fitted(steps, global_batch_size)
     return _endless(plan, position.epoch, position.example // process_count)
+
+
+def train_example_spec(cfg) -> dict:
+    """{name: (shape, numpy dtype)} of one training example, read off the pipeline's graph: no record
+    is read. The images' shape must be fixed, as the train step is compiled for it."""
+    preprocess = registry.build(config_lib.format_pp(cfg.pp_train, cfg))
+    records = make_source(cfg).train_epoch(0, 1, 0, 1).enumerate()
+    spec = records.map(record_copies(preprocess, 1, True, tf.constant(0, tf.int64))).element_spec
+    if not spec["image"].shape.is_fully_defined():
+        raise ValueError(
+            f"data.pp_train gives images of unknown shape {spec['image'].shape[1:]}; end it with a fixed-size op "
+            "such as decode_and_inception_crop(SIZE), resize(SIZE) or center_crop(SIZE)."
+        )
+    return {name: (tuple(value.shape[1:]), np.dtype(value.dtype.as_numpy_dtype)) for name, value in spec.items()}
 
 
 def check_preprocessing(cfg) -> None:
@@ -167,7 +181,8 @@ def _padding(element_spec: dict, count: int):
     return tf.data.Dataset.from_tensors(zeros).repeat(count)
 
 
-def eval_batches(cfg, local_batch: int, process_index: int, process_count: int) -> Iterator[dict]:
+def eval_batches(cfg, global_batch_size: int, process_index: int, process_count: int) -> Iterator[dict]:
+    local_batch = config_lib.local_batch_size(global_batch_size, process_count)
     source = make_source(cfg)
     preprocess = registry.build(config_lib.format_pp(cfg.pp_eval, cfg))
     counts = source.eval_counts(process_count)

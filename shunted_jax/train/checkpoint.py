@@ -17,9 +17,6 @@ from jax.experimental import multihost_utils
 
 from shunted_jax.train.console import RunError, short_cause
 
-# Orbax writes a step into "<step>.orbax-checkpoint-tmp..." and renames it when complete.
-TEMPORARY_MARK = ".orbax-checkpoint-tmp"
-
 
 class CheckpointMismatchError(RunError, ValueError):
     """The checkpoint was written for another model: restoring an older one would not help."""
@@ -83,7 +80,7 @@ def _save_failed(manager: ocp.CheckpointManager, step: int | None, error: Except
     """Removes the failed save's temporary directories (never a complete-looking step) and says what failed."""
     directory = pathlib.Path(manager.directory)
     if jax.process_index() == 0 and directory.is_dir():
-        for partial in directory.glob(f"*{TEMPORARY_MARK}*"):
+        for partial in filter(ocp.utils.is_tmp_checkpoint, directory.iterdir()):
             shutil.rmtree(partial, ignore_errors=True)
     latest = max(all_steps_on_disk(directory), default=None)
     resume = f"step {latest}" if latest is not None else "the start"
@@ -180,7 +177,9 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state, model_meta: d
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
-    """Renames a step's directory to the first free "<step>.damaged-<n>" (never deletes it)."""
+    """Renames a step's directory to the first free "<step>.damaged-<n>" (never deletes it). Orbax
+    has no call that moves a step; `CheckpointManager.reload` is its way to see the directory
+    changed by others."""
     directory = pathlib.Path(manager.directory)
     target = next(directory / f"{step}.damaged-{n}" for n in range(1, 10_000)
                   if not (directory / f"{step}.damaged-{n}").exists())

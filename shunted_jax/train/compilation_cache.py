@@ -29,9 +29,8 @@ import jax
 from absl import logging
 from jax.experimental import serialize_executable
 
-from shunted_jax.train import console
+from shunted_jax.train import console, workarounds
 
-DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "shunted_jax", "jax")
 # Programs that compile faster than this are not worth a file each.
 MIN_COMPILE_SECONDS = 1.0
 STEPS_SUBDIR = "steps"
@@ -41,10 +40,6 @@ _NEUTRAL_SETTINGS = ("cache", "log_compiles", "explain", "debug_log")
 # Environment variables that change what XLA compiles.
 _COMPILER_ENV = ("XLA_", "LIBTPU_", "TPU_", "NVIDIA_TF32_OVERRIDE")
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-# Where an executable that JAX's cache loaded serializes whole. XLA:CPU serializes one without its
-# functions (the copy fails when run); a CUDA one runs (BENCHMARKS.md, session 15). ROCm and TPUs
-# are unchecked, so their served steps are not kept.
-PLATFORMS_KEEPING_SERVED_STEPS = ("cuda",)
 # JAX logs this (at DEBUG) just before it compiles a program that its persistent cache does not hold.
 _COMPILER_LOGGER = "jax._src.compiler"
 _CACHE_MISS_MESSAGE = "PERSISTENT COMPILATION CACHE MISS"
@@ -71,15 +66,6 @@ def steps_dir():
     """Where whole compiled steps are kept: beside JAX's persistent cache, whenever one is on."""
     directory = jax.config.jax_compilation_cache_dir
     return pathlib.Path(directory) / STEPS_SUBDIR if directory else None
-
-
-def platform_name(device) -> str:
-    """Where `device` runs: "cpu", "tpu", or a GPU's runtime ("cuda", "rocm"), as JAX names both
-    GPU platforms "gpu"; a GPU of another runtime stays "gpu"."""
-    client = device.client
-    version = client.platform_version.lower()
-    runtime = next((name for name in ("cuda", "rocm") if name in version), "gpu")
-    return runtime if client.platform == "gpu" else client.platform
 
 
 def _describe_argument(leaf) -> tuple:
@@ -337,7 +323,7 @@ def compiled_step(jitted, args, *, name: str, config, context=None, what: str = 
     """`jitted` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s, positional): loaded from
     the store when a run with the same `program_key` saved it, otherwise compiled (through JAX's
     persistent cache, `announced_compile` saying so as `what`, by default the name) and saved
-    there, unless JAX's cache served it on a platform outside `PLATFORMS_KEEPING_SERVED_STEPS`.
+    there, unless JAX's cache served it where such a step is not kept (`workarounds.keeps_served_steps`).
     Without a cache directory or with several processes (each would load its own part; JAX's
     persistent cache serves them) this is `jitted` with its first call announced
     (`announce_first_call`); with jit disabled, `jitted` as it is.
@@ -376,10 +362,10 @@ def compiled_step(jitted, args, *, name: str, config, context=None, what: str = 
             return _falling_back(loaded, jitted, path, name)
     with announced_compile(what) as hits:
         compiled = jitted.lower(*args).compile()
-    platform = platform_name(compiled.runtime_executable().local_devices()[0])
-    if hits and platform not in PLATFORMS_KEEPING_SERVED_STEPS:
+    device = compiled.runtime_executable().local_devices()[0]
+    if hits and not workarounds.keeps_served_steps(device):
         logging.debug("the %s came from JAX's persistent cache, and %s is not known to serialize such a step "
-                      "whole; it is not kept", name, platform)
+                      "whole; it is not kept", name, workarounds.platform_name(device))
         return compiled
     try:
         _save(compiled, args, path)

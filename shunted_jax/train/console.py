@@ -6,6 +6,8 @@ import sys
 
 from absl import logging as absl_logging
 
+from shunted_jax.train import workarounds
+
 
 # Tensorstore appends its full JSON spec and source locations to every error: noise in one line.
 _STORAGE_DETAILS = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*$")
@@ -30,65 +32,15 @@ def short_cause(error: BaseException, limit: int = 240) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-# Libraries whose INFO lines say what they do at every start ("Unable to initialize backend
-# 'tpu'", "Load dataset info from ..."); their warnings and errors still print.
-_INFO_CHATTY = frozenset({"jax", "tensorflow_datasets"})
-
-
-def _folders(path: str) -> set:
-    """The folder names on a source file's path (its package and those above it)."""
-    return set(pathlib.PurePath(path.replace("\\", "/")).parts[:-1])
-
-
-def _in_orbax(path: str) -> bool:
-    """Whether a source file belongs to orbax."""
-    return "orbax" in _folders(path)
-
-
-class _DropLibraryRecords(logging.Filter):
-    """Drops absl log records emitted from orbax's source files (its per-save INFO lines and the
-    per-array ERROR lines of a failed write, which our own one-line error replaces), and the INFO
-    records of `_INFO_CHATTY`'s packages."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        folders = _folders(record.pathname)
-        if "orbax" in folders:
-            return False
-        return record.levelno > logging.INFO or not folders & _INFO_CHATTY
-
-
 def quiet_logging(verbose: bool) -> None:
     """Unless verbose, silences orbax's log lines, JAX's and TensorFlow Datasets' INFO lines,
     asyncio's "exception was never retrieved" reports and the errors of orbax's abandoned
     coroutines; a failed save or restore then shows as our one line instead of hundreds."""
     if verbose:
         return
-    absl_logging.get_absl_handler().addFilter(_DropLibraryRecords())
+    absl_logging.get_absl_handler().addFilter(workarounds.LibraryRecordFilter())
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = drop_orbax_leftovers(sys.unraisablehook)
-
-
-def _is_orbax_leftover(info) -> bool:
-    """Whether an unraisable error comes from orbax's work abandoned after a failure.
-
-    When one read of a restore fails, orbax closes its event loop with the other reads still
-    pending; each is collected later and its coroutine turns the GeneratorExit it receives into an
-    error ("Encountered error while reading array index ...": one per array shard, thousands of
-    traceback lines). A failed save leaves "Event loop is closed" errors behind the same way.
-    """
-    code = getattr(info.object, "cr_code", None)
-    if code is not None and _in_orbax(code.co_filename):
-        return True
-    return isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)
-
-
-def drop_orbax_leftovers(hook):
-    """`hook` (a sys.unraisablehook) without the reports of `_is_orbax_leftover`; any other
-    unraisable error still reaches it."""
-    def unraisable(info):
-        if not _is_orbax_leftover(info):
-            hook(info)
-    return unraisable
+    sys.unraisablehook = workarounds.drop_orbax_leftovers(sys.unraisablehook)
 
 
 def describe_step(name: str, config, image_size: int, mesh) -> str:

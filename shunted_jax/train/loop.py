@@ -2,7 +2,6 @@
 and Flax's imagenet example's: config -> mesh -> data -> model and state -> restore -> steps,
 with checkpoints and evaluations on the way."""
 import contextlib
-import itertools
 import json
 import signal
 import time
@@ -31,16 +30,6 @@ def initialize_distributed(distributed_config) -> None:
                                    process_id=distributed_config.process_id)
     elif distributed_config.auto_detect:
         jax.distributed.initialize()
-
-
-def check_batch_size(batch_size: int, mesh, process_count: int, accumulation_steps: int, what: str) -> None:
-    """Each (micro-)batch is split evenly over all devices and processes, or we stop here."""
-    devices = mesh.devices.size
-    micro = batch_size // accumulation_steps
-    if batch_size % accumulation_steps or micro % devices or batch_size % process_count:
-        raise ConfigError(f"{what}={batch_size} must split into {accumulation_steps} micro-batch(es) "
-                         f"each divisible by the {devices} devices of the mesh (and by {process_count} "
-                         "process(es))")
 
 
 def check_evaluation_splits(config) -> None:
@@ -129,14 +118,13 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
             cleanup.enter_context(workdirs.hold(workdir))
             changes = resume.check_config(workdir, config)
         mesh = step.make_mesh(config.mesh)
-        check_batch_size(config.global_batch_size, mesh, jax.process_count(), config.accumulation_steps,
-                         "global_batch_size")
-        check_batch_size(config.eval_batch_size, mesh, jax.process_count(), 1, "eval_batch_size")
+        data.check_batch_size(config.global_batch_size, jax.process_count(), mesh.devices.size,
+                              config.accumulation_steps)
+        data.check_batch_size(config.eval_batch_size, jax.process_count(), mesh.devices.size, name="eval_batch_size")
 
         info = data.dataset_info(config.data)
         check_evaluation_splits(config)
-        steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size,
-                                               jax.process_count())
+        steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.global_batch_size)
         total_steps = optim.total_train_steps(config, steps_per_epoch)
 
         model = step.create_model(config.model, info.num_classes)
@@ -187,15 +175,16 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         pending, results, saving = [], {}, None
         train_start, first_step_done, eval_seconds = time.perf_counter(), None, 0.0
         with PreemptionWatcher() as preemption:
-            first_batch = next(batches)
             what = console.describe_step("train step", config, info.image_size, mesh)
             if keep_compiled_step:
+                shapes = data.train_batch_spec(config.data, config.global_batch_size)
+                batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=step.batch_sharding(mesh))
+                              for name, (shape, dtype) in shapes.items()}
                 train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, first_batch), name="train_step", config=config,
+                    train_step, (train_state, batch_spec), name="train_step", config=config,
                     context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
             else:
                 train_step = compilation_cache.announce_first_call(train_step, what)
-            batches = itertools.chain([first_batch], batches)
             last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
                 train_state, step_metrics = train_step(train_state, next(batches))

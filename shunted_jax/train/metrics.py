@@ -2,35 +2,17 @@
 import json
 import os
 import pathlib
-import sys
 
 from absl import logging
 
+from shunted_jax.train import workarounds
 from shunted_jax.train.console import RunError, format_duration, short_cause
-
-
-def _import_tensorboardx():
-    """tensorboardX, imported without PyTorch.
-
-    tensorboardX imports PyTorch whenever it is installed, only to accept torch tensors; that import
-    takes seconds of every start-up (and restart), and we write Python floats. So unless PyTorch is
-    already imported, tensorboardX is imported as if it were absent.
-    """
-    if "torch" in sys.modules:
-        import tensorboardX
-        return tensorboardX
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError
-    try:
-        import tensorboardX
-    finally:
-        del sys.modules["torch"]
-    return tensorboardX
 
 
 def _tensorboard_writer(directory: pathlib.Path):
     """A tensorboardX writer (no TensorFlow needed), or None with a warning when it is not installed."""
     try:
-        tensorboardX = _import_tensorboardx()
+        tensorboardX = workarounds.import_tensorboardx()
     except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard summaries, only metrics.jsonl")
         return None

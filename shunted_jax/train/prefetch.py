@@ -2,8 +2,10 @@
 
 The step is asynchronous, so the Python loop is free while the accelerator computes; what is left
 on the loop's critical path is the host batch and its copy to the devices. A thread that keeps
-the next batches on the devices takes both off it (as big_vision's and Flax's prefetch do; theirs
-serve `pmap`'s per-device shards, this one the global arrays of a `jax.jit` over a mesh).
+the next batches on the devices takes both off it. big_vision's `input_pipeline.start_global`
+also keeps global arrays for `jax.jit` ahead of the step, but makes them on the loop's thread (its
+copies are asynchronous, its host batches are not). The thread starts at once, as big_vision's
+`warmup` starts its pipeline, so that the first batches are read while the step compiles.
 """
 import queue
 import threading
@@ -17,47 +19,58 @@ class _Failure:
         self.error = error
 
 
-def prefetch_to_device(batches: Iterator[dict], to_device: Callable[[dict], dict], size: int) -> Iterator[dict]:
-    """Yields `to_device(batch)` for each batch, computed `size` batches ahead in a daemon thread.
+class DevicePrefetch:
+    """Yields `to_device(batch)` for each batch, computed up to `size` batches ahead by a daemon
+    thread that starts when this is made.
 
     An error in the source or the transfer is raised in the consumer, at the batch where it
-    happened. Closing the generator stops the thread after at most one more batch and waits for
-    it: close it before the process exits (the loop does).
+    happened. `close` stops the thread after at most one more batch and waits for it: call it
+    before the process exits (the loop does), whether or not a batch was taken.
     """
-    if size < 1:
-        raise ValueError(f"prefetch size must be >= 1, got {size}")
-    ready: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
 
-    def put(item) -> bool:
-        while not stop.is_set():
+    def __init__(self, batches: Iterator[dict], to_device: Callable[[dict], dict], size: int):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self._ready: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(batches, to_device), name="prefetch_to_device",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self._ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce():
+    def _produce(self, batches, to_device) -> None:
         try:
             for batch in batches:
-                if not put(to_device(batch)):
+                if not self._put(to_device(batch)):
                     return
         except BaseException as error:  # handed to the consumer, raised there
-            put(_Failure(error))
+            self._put(_Failure(error))
             return
-        put(_DONE)
+        self._put(_DONE)
 
-    thread = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self._ready.get() if not self._stop.is_set() else _DONE
+        if item is _DONE or isinstance(item, _Failure):
+            self.close()
             if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()  # a transfer cut off by the interpreter's exit aborts the process
+                raise StopIteration
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()  # a transfer cut off by the interpreter's exit aborts the process
+
+
+prefetch_to_device = DevicePrefetch
