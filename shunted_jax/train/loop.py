@@ -141,8 +141,8 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
 
         model = step.create_model(config.model, info.num_classes)
         abstract_state, state_sharding, train_step, initialise = step.prepare_training(
-            config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
-            steps_per_epoch=steps_per_epoch)
+            config, model, mesh, image_size=info.image_size, num_classes=info.num_classes)
+        schedule = step.replicated_schedule(config, mesh, steps_per_epoch)
         evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
 
         manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint,
@@ -191,14 +191,14 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
             what = console.describe_step("train step", config, info.image_size, mesh)
             if keep_compiled_step:
                 train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, first_batch), name="train_step", config=config,
+                    train_step, (train_state, first_batch, schedule), name="train_step", config=config,
                     context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
             else:
                 train_step = compilation_cache.announce_first_call(train_step, what)
             batches = itertools.chain([first_batch], batches)
             last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
-                train_state, step_metrics = train_step(train_state, next(batches))
+                train_state, step_metrics = train_step(train_state, next(batches), schedule)
                 first_step_done = first_step_done or time.perf_counter()
                 saving = checkpoint.check_save(manager, saving)
                 pending.append((step_number, step_metrics))
