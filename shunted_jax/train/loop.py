@@ -112,8 +112,9 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     creates and locks nothing, so it may read a workdir that a run is writing, or read-only storage.
     With `keep_compiled_step` (what `train.py` sets), the compiled train step is kept whole beside
     the compilation cache and a run with the same key loads it without tracing
-    (`compilation_cache.compiled_step`). Its key sees this package's files, not code defined or
-    patched at run time, as in a notebook: callers that change code so leave it off.
+    (`compilation_cache.compiled_step`), also when only the schedule's numbers or host-side fields
+    differ (`step.program_config`). Its key sees this package's files, not code defined or patched
+    at run time, as in a notebook: callers that change code so leave it off.
     """
     run_start = time.perf_counter()
     config_check.check(config)
@@ -191,8 +192,9 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
             what = console.describe_step("train step", config, info.image_size, mesh)
             if keep_compiled_step:
                 train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, first_batch, schedule), name="train_step", config=config,
-                    context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
+                    train_step, (train_state, first_batch, schedule), name="train_step",
+                    config=step.program_config(config),
+                    context={"num_classes": info.num_classes, "image_size": info.image_size}, what=what)
             else:
                 train_step = compilation_cache.announce_first_call(train_step, what)
             batches = itertools.chain([first_batch], batches)

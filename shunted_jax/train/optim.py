@@ -46,6 +46,13 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
     return max(1, round(config.num_epochs * steps_per_epoch))
 
 
+# The config fields that `schedule_from_config` reads, besides global_batch_size (which also sets
+# the batch's shape). Their values reach the train step as its `schedule` argument, so they are
+# left out of the key of the kept step (`step.NOT_IN_TRAIN_PROGRAM`).
+SCHEDULE_FIELDS = ("num_epochs", "num_train_steps", "optimizer.base_lr", "optimizer.warmup_epochs",
+                   "optimizer.warmup_steps", "optimizer.warmup_init_lr", "optimizer.min_lr")
+
+
 def schedule_from_config(config, steps_per_epoch: int) -> WarmupCosine:
     """The recipe's schedule over the whole run, as float32 scalars: peak lr scaled by the global
     batch, warm-up in steps or epochs."""

@@ -9,7 +9,8 @@ The batch's images come from the host as uint8; the step applies `config.data.de
 (`data.device_ops`: RandAugment, normalisation, random erasing) on the device before mixup/CutMix.
 
 The learning-rate schedule is an input of the step (`optim.WarmupCosine`), not a constant in it:
-runs of another length or learning rate run the same program.
+runs of another length or learning rate run the same program, and `program_config` is the part of
+the config that decides it (in the key of the step `train.py` keeps).
 
 `train.loop` builds the step with `prepare_training` and `bench` with `init_training` (the same,
 with the initial state and the schedule computed), so a benchmark times the step training runs.
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -382,3 +384,33 @@ def init_training(config, model, mesh, *, image_size: int, num_classes: int, ste
         config, model, mesh, image_size=image_size, num_classes=num_classes)
     return initialise(), sharding, train_step, replicated_schedule(config, mesh, steps_per_epoch)
 
+
+# ---------------------------------------------------------------------------------------------
+# What of the config decides the train step's program.
+
+# Config fields that do not decide the train step's program: the schedule's (an input of the step,
+# `optim.SCHEDULE_FIELDS`) and those only the host reads: logging, checkpoints, evaluation, the
+# input pipeline, where programs are cached, how processes meet. Building and tracing the step reads
+# none of them (tests/test_train_program_key.py); the dataset reaches the program only through the
+# batch (its shape and dtype, among the key's arguments) and its class count and image size (the
+# key's context, `loop`).
+NOT_IN_TRAIN_PROGRAM = (
+    *optim.SCHEDULE_FIELDS, "log_every_steps", "checkpoint", "evals", "eval_batch_size", "init_from",
+    "allow_config_change", "compilation_cache_dir", "prefetch_to_device", "distributed",
+    "data.data_dir", "data.manual_dir", "data.train_split", "data.holdout_fraction", "data.pp_train",
+    "data.shuffle_buffer", "data.seed", "data.repeated_aug", "data.on_corrupt", "data.prefetch",
+    "data.num_parallel_calls", "data.num_train_examples", "data.num_eval_examples")
+
+
+def program_config(config) -> ml_collections.ConfigDict:
+    """A copy of `config` without `NOT_IN_TRAIN_PROGRAM` (those it has): the config part of the
+    kept train step's key (`compilation_cache.program_key`)."""
+    kept = ml_collections.ConfigDict(config.to_dict())
+    for field in NOT_IN_TRAIN_PROGRAM:
+        *parents, name = field.split(".")
+        node = kept
+        for parent in parents:
+            node = node.get(parent, {})
+        if name in node:
+            del node[name]
+    return kept
