@@ -70,24 +70,24 @@ def bench_train(config, model, batch: int, image_size: int, steps: int, profile_
 
     config.global_batch_size = batch
     mesh = step.make_mesh(config.mesh)
-    state, _, train_step = step.init_training(config, model, mesh, image_size=image_size,
-                                              num_classes=model.num_classes, steps_per_epoch=1000)
+    state, _, train_step, schedule = step.init_training(config, model, mesh, image_size=image_size,
+                                                        num_classes=model.num_classes, steps_per_epoch=1000)
     images = step.synthetic_batch(mesh, batch, image_size, model.num_classes)
     start = time.perf_counter()
-    compiled = train_step.lower(state, images).compile()
+    compiled = train_step.lower(state, images, schedule).compile()
     compile_s = time.perf_counter() - start
     for _ in range(WARMUP_STEPS):
-        state, metrics = compiled(state, images)
+        state, metrics = compiled(state, images, schedule)
     jax.block_until_ready(metrics)
     if profile_dir:
         with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
             for _ in range(WARMUP_STEPS):
-                state, metrics = compiled(state, images)
+                state, metrics = compiled(state, images, schedule)
             jax.block_until_ready(metrics)
         print_profile(profile_dir, "train")
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, images)
+        state, metrics = compiled(state, images, schedule)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
     return {"batch": batch, "images_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,

@@ -64,8 +64,8 @@ def test_train_step_preprocesses_uint8_on_device_before_mixup(monkeypatch):
     config = tiny_config()
     mesh = step.make_mesh(config.mesh, jax.devices()[:1])
     model = step.create_model(config.model, NUM_CLASSES)
-    state, _, train_step = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                              num_classes=NUM_CLASSES, steps_per_epoch=10)
+    state, _, train_step, schedule = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                                        num_classes=NUM_CLASSES, steps_per_epoch=10)
     seen = []
     real = step.device_preprocess
 
@@ -75,11 +75,11 @@ def test_train_step_preprocesses_uint8_on_device_before_mixup(monkeypatch):
 
     monkeypatch.setattr(step, "device_preprocess", recording)
     batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
-    train_step.lower(state, batch)
+    train_step.lower(state, batch, schedule)
     assert seen == [jnp.uint8]
     float_batch = {**batch, "image": batch["image"].astype(jnp.float32)}
     with pytest.raises(ValueError, match="takes uint8 images.*device_pp_train=''"):
-        train_step.lower(state, float_batch)
+        train_step.lower(state, float_batch, schedule)
 
 
 def test_a_bad_device_pp_fails_before_the_slow_init():
@@ -103,8 +103,8 @@ def test_eval_step_normalises_on_device_as_the_host_did():
     config = tiny_config()
     mesh = step.make_mesh(config.mesh, jax.devices())
     model = step.create_model(config.model, NUM_CLASSES)
-    state, sharding, _ = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                            num_classes=NUM_CLASSES, steps_per_epoch=10)
+    state, sharding, _, _ = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                               num_classes=NUM_CLASSES, steps_per_epoch=10)
     images = uint8_images(1)
     labels = np.arange(BATCH, dtype=np.int32) % NUM_CLASSES
     mask = np.arange(BATCH) < BATCH - 3

@@ -19,15 +19,17 @@ BATCH = 16
 
 
 def build(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
-    """The train step's pieces as the loop builds them, and a synthetic batch on the mesh."""
+    """The train step's pieces as the loop builds them, and its inputs besides the state: a
+    synthetic batch on the mesh and the schedule."""
     config = tiny_config(kernels=kernels, dtype=dtype, param_dtype=dtype, **MODEL)
     config.global_batch_size = batch
     config.mesh.update({"data": mesh_shape[0], "fsdp": mesh_shape[1]})
     mesh = step.make_mesh(config.mesh, devices)
     model = step.create_model(config.model, NUM_CLASSES)
-    state, sharding, train_step = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                                     num_classes=NUM_CLASSES, steps_per_epoch=10)
-    return config, mesh, model, state, sharding, train_step, step.synthetic_batch(mesh, batch, IMAGE_SIZE, NUM_CLASSES)
+    state, sharding, train_step, schedule = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                                               num_classes=NUM_CLASSES, steps_per_epoch=10)
+    inputs = (step.synthetic_batch(mesh, batch, IMAGE_SIZE, NUM_CLASSES), schedule)
+    return config, mesh, model, state, sharding, train_step, inputs
 
 
 def loss_and_grads(mesh, model, state, sharding, images, targets):
@@ -66,7 +68,7 @@ def gathers(kernels: str, per_device: int) -> collections.Counter:
     result's leading dimension is a multiple of `per_device` (of the batch's size: no weight of
     the tiny model has such a dimension when `per_device` is 5)."""
     _, _, _, state, _, train_step, inputs = build(kernels, jax.devices(), (4, 2), "float32", 8 * per_device)
-    text = train_step.lower(state, inputs).compile().as_text()
+    text = train_step.lower(state, *inputs).compile().as_text()
     found = collections.Counter()
     for shape, leading, kind in re.findall(r"= (\w+\[(\d+)[\d,]*\])\S* (all-gather|all-to-all)(?:-start)?\(", text):
         found[kind, "any"] += 1

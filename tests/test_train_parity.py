@@ -70,22 +70,18 @@ def fixture_config(meta):
 
 def build_train_step(config, meta, variables):
     """train.py's model, optimizer and jitted step (`create_model`, `make_optimizer`,
-    `make_train_step`) on one CPU device, with the fixture's learning rate at each step.
-    Returns (initial state, jitted step)."""
+    `make_train_step`) on one CPU device, with the fixture's learning rate at each step as the
+    step's schedule. Returns (initial state, the step on that schedule)."""
     mesh = step.make_mesh(config.mesh, jax.devices()[:1])
     model = step.create_model(config.model, meta["num_classes"])
-    lrs = jnp.asarray(meta["lrs"], jnp.float64)
-
-    def schedule(count):
-        return lrs[count]
-
+    schedule = jax.tree_util.Partial(lambda lrs, count: lrs[count], jnp.asarray(meta["lrs"], jnp.float64))
     tx = optim.make_optimizer(config.optimizer, schedule)
     params = variables["params"]
     state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
     state_sharding = step.state_sharding(state, mesh)
-    train_step = step.make_train_step(model, config, tx, schedule, mesh, state_sharding, meta["num_classes"], {})
-    return jax.device_put(state, state_sharding), train_step
+    train_step = step.make_train_step(model, config, mesh, state_sharding, meta["num_classes"], {})
+    return jax.device_put(state, state_sharding), lambda state, batch: train_step(state, batch, schedule)
 
 
 def max_difference(ours: dict, official: dict) -> tuple:

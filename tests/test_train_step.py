@@ -32,7 +32,7 @@ def tiny_config(pvt=False, **model_fields):
 
 
 def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
-    """(mesh, model, (state, state_sharding, train_step)) as the training loop builds them."""
+    """(mesh, model, (state, state_sharding, train_step, schedule)) as the training loop builds them."""
     config.mesh.update({"data": mesh[0], "fsdp": mesh[1]})
     device_mesh = step.make_mesh(config.mesh, devices)
     model = step.create_model(config.model, num_classes)
@@ -42,11 +42,11 @@ def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
 
 def train(built, num_steps):
     """Runs `num_steps` steps on one fixed synthetic batch; returns the final state and the losses."""
-    mesh, _, (train_state, _, train_step) = built
+    mesh, _, (train_state, _, train_step, schedule) = built
     batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
     losses = []
     for _ in range(num_steps):
-        train_state, metrics = train_step(train_state, batch)
+        train_state, metrics = train_step(train_state, batch, schedule)
         losses.append(float(metrics["loss"]))
     return train_state, losses
 
@@ -74,7 +74,7 @@ def test_fsdp_mesh_and_single_device_give_the_same_losses(runs):
 
 def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     _, fsdp_state, _ = runs["fsdp"]
-    _, _, (single_state, single_sharding, _) = runs["single"][0]
+    _, _, (single_state, single_sharding, _, _) = runs["single"][0]
     meta = {"model": {"name": "shunted_t"}}
     config = tiny_config().checkpoint
     manager = checkpoint.make_checkpoint_manager(tmp_path, config)
@@ -130,11 +130,11 @@ def test_ema_tracks_the_weights_and_is_what_eval_uses():
 def test_compiler_options_of_the_config_reach_xla(tmp_path):
     config = tiny_config(pvt=True)
     config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=(train|eval)_step"
-    mesh, model, (train_state, state_sharding, train_step) = build(config, jax.devices()[:1])
+    mesh, model, (train_state, state_sharding, train_step, schedule) = build(config, jax.devices()[:1])
     eval_step = evaluators.from_config(config, model, mesh, state_sharding, 10)[0].eval_step
     batch = {**step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
     eval_step.lower(train_state, batch).compile()
-    train_step.lower(train_state, batch).compile()
+    train_step.lower(train_state, batch, schedule).compile()
     dumped = {path.name.split(".")[1] for path in tmp_path.iterdir() if path.name.startswith("module_")}
     assert {"jit_train_step", "jit_eval_step"} <= dumped
 
@@ -151,8 +151,7 @@ def test_compiler_options_parse_like_xla_flags():
 
 def test_schedule_follows_the_recipe():
     assert optim.peak_learning_rate(5e-4, 1024) == pytest.approx(1e-3)
-    schedule = optim.warmup_cosine_schedule(peak_lr=1e-3, total_steps=300, warmup_steps=5,
-                                            warmup_init_lr=1e-6, min_lr=1e-5)
+    schedule = optim.WarmupCosine(peak_lr=1e-3, total_steps=300, warmup_steps=5, warmup_init_lr=1e-6, min_lr=1e-5)
     assert float(schedule(0)) == pytest.approx(1e-6)
     assert float(schedule(4)) == pytest.approx(1e-6 + 4 / 5 * (1e-3 - 1e-6), rel=1e-5)
     # timm (warmup_prefix=False): the cosine is measured from step 0, not from the warm-up's end.
@@ -160,6 +159,37 @@ def test_schedule_follows_the_recipe():
                                                rel=1e-5)
     assert float(schedule(150)) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-5)
     assert float(schedule(300)) == pytest.approx(1e-5, rel=1e-5)
+
+
+def test_a_step_built_for_one_schedule_trains_on_another_given_as_its_input():
+    """The schedule's numbers are an input, not constants of the program: the step built from
+    config A lowers to the program of config B's step, and given B's schedule it reports B's
+    learning rate and trains exactly as B's own step does. (A's step is the `runs` fixture's
+    single-device one, so JAX's cache usually holds its program.)"""
+    config_a, config_b = tiny_config(), tiny_config()
+    config_b.num_train_steps = 7
+    config_b.optimizer.update({"base_lr": 3e-3, "warmup_steps": 1, "warmup_init_lr": 1e-5, "min_lr": 1e-4})
+    mesh = step.make_mesh(config_a.mesh, jax.devices()[:1])
+    model = step.create_model(config_a.model, NUM_CLASSES)
+    batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
+    schedule_b = step.replicated_schedule(config_b, mesh, steps_per_epoch=10)
+    programs, runs = {}, {}
+    for name, config in (("a", config_a), ("b", config_b)):
+        _, _, train_step, initialise = step.prepare_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                                             num_classes=NUM_CLASSES)
+        train_state = initialise()
+        lowered = train_step.lower(train_state, batch, schedule_b)
+        programs[name], compiled, lrs = lowered.as_text(), lowered.compile(), []
+        for _ in range(2):
+            train_state, metrics = compiled(train_state, batch, schedule_b)
+            lrs.append(float(metrics["lr"]))
+        runs[name] = train_state, lrs
+    assert programs["a"] == programs["b"]
+    wanted = [float(optim.schedule_from_config(config_b, 10)(count)) for count in range(2)]
+    assert runs["a"][1] == pytest.approx(wanted, rel=1e-6)
+    assert wanted != pytest.approx([float(optim.schedule_from_config(config_a, 10)(count)) for count in range(2)])
+    for got, want in zip(jax.tree.leaves(runs["a"][0]), jax.tree.leaves(runs["b"][0])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_weight_decay_goes_to_kernels_only_even_in_stacked_blocks():
@@ -218,7 +248,7 @@ def test_mixup_blends_images_and_smoothed_targets_alike():
 def test_fine_tuning_keeps_the_weights_and_renews_a_head_of_another_size(runs, tmp_path):
     _, source_state, _ = runs["single"]
     convert.save_variables(jax.device_get(source_state.variables()), tmp_path / "converted", "shunted_t")
-    _, _, (target_state, target_sharding, _) = build(tiny_config(), jax.devices()[:1], num_classes=5)
+    _, _, (target_state, target_sharding, _, _) = build(tiny_config(), jax.devices()[:1], num_classes=5)
     loaded = finetune.load_pretrained(target_state, target_sharding, str(tmp_path / "converted"))
     np.testing.assert_array_equal(np.asarray(loaded.params["block1"]["mlp"]["fc1"]["kernel"]),
                                   np.asarray(source_state.params["block1"]["mlp"]["fc1"]["kernel"]))

@@ -87,11 +87,13 @@ def _source_digest() -> str:
 
 
 def program_key(name: str, config, args, context=None) -> str:
-    """A hash of what decides the program a step lowers to: its name and config, `context` (what
-    else the step was built from, e.g. the dataset's size in the learning-rate schedule), the types
-    and shardings of its arguments, the devices, this package's files, every installed
-    distribution's version, the Python version, JAX's settings and XLA's environment. A change to
-    any of them gives another key; code defined or patched at run time is not among them."""
+    """A hash of what decides the program a step lowers to: its name, `config` (the fields the
+    program depends on: the train step's are `step.program_config`), `context` (what else the step
+    was built from, e.g. the dataset's class count), the types and shardings of its arguments, the
+    devices, this package's files, every installed distribution's version, the Python version, JAX's
+    settings and XLA's environment. A change to any of them gives another key; values the step takes
+    as arguments (e.g. the learning-rate schedule) and code defined or patched at run time are not
+    among them."""
     leaves, treedef = jax.tree.flatten(args)
     settings = {k: v for k, v in jax.config.values.items() if not any(n in k for n in _NEUTRAL_SETTINGS)}
     client = jax.devices()[0].client

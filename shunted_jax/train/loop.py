@@ -101,8 +101,9 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     creates and locks nothing, so it may read a workdir that a run is writing, or read-only storage.
     With `keep_compiled_step` (what `train.py` sets), the compiled train step is kept whole beside
     the compilation cache and a run with the same key loads it without tracing
-    (`compilation_cache.compiled_step`). Its key sees this package's files, not code defined or
-    patched at run time, as in a notebook: callers that change code so leave it off.
+    (`compilation_cache.compiled_step`), also when only the schedule's numbers or host-side fields
+    differ (`step.program_config`). Its key sees this package's files, not code defined or patched
+    at run time, as in a notebook: callers that change code so leave it off.
     """
     run_start = time.perf_counter()
     config_check.check(config)
@@ -129,8 +130,8 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
 
         model = step.create_model(config.model, info.num_classes)
         abstract_state, state_sharding, train_step, initialise = step.prepare_training(
-            config, model, mesh, image_size=info.image_size, num_classes=info.num_classes,
-            steps_per_epoch=steps_per_epoch)
+            config, model, mesh, image_size=info.image_size, num_classes=info.num_classes)
+        schedule = step.replicated_schedule(config, mesh, steps_per_epoch)
         evals = evaluators.from_config(config, model, mesh, state_sharding, steps_per_epoch)
 
         manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints", config.checkpoint,
@@ -181,13 +182,14 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                 batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=step.batch_sharding(mesh))
                               for name, (shape, dtype) in shapes.items()}
                 train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, batch_spec), name="train_step", config=config,
-                    context={"dataset": info, "steps_per_epoch": steps_per_epoch}, what=what)
+                    train_step, (train_state, batch_spec, schedule), name="train_step",
+                    config=step.program_config(config),
+                    context={"num_classes": info.num_classes, "image_size": info.image_size}, what=what)
             else:
                 train_step = compilation_cache.announce_first_call(train_step, what)
             last_time, last_step = time.perf_counter(), start
             for step_number in range(start + 1, total_steps + 1):
-                train_state, step_metrics = train_step(train_state, next(batches))
+                train_state, step_metrics = train_step(train_state, next(batches), schedule)
                 first_step_done = first_step_done or time.perf_counter()
                 saving = checkpoint.check_save(manager, saving)
                 pending.append((step_number, step_metrics))

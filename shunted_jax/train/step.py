@@ -1,15 +1,19 @@
 """One train step, whole: the train state, where its arrays live on the device mesh, the loss and
 the jitted step. The recipe's other two pieces are `optim` (schedule, AdamW) and `mixup`.
 
-    state, state_sharding, train_step = init_training(config, model, mesh, image_size=224,
-                                                      num_classes=1000, steps_per_epoch=1251)
-    state, metrics = train_step(state, synthetic_batch(mesh, 1024, 224, 1000))   # state is donated
+    state, state_sharding, train_step, schedule = init_training(config, model, mesh, image_size=224,
+                                                                num_classes=1000, steps_per_epoch=1251)
+    state, metrics = train_step(state, synthetic_batch(mesh, 1024, 224, 1000), schedule)  # state is donated
 
 The batch's images come from the host as uint8; the step applies `config.data.device_pp_train`
 (`data.device_ops`: RandAugment, normalisation, random erasing) on the device before mixup/CutMix.
 
+The learning-rate schedule is an input of the step (`optim.WarmupCosine`), not a constant in it:
+runs of another length or learning rate run the same program, and `program_config` is the part of
+the config that decides it (in the key of the step `train.py` keeps).
+
 `train.loop` builds the step with `prepare_training` and `bench` with `init_training` (the same,
-with the initial state computed), so a benchmark times the step training runs.
+with the initial state and the schedule computed), so a benchmark times the step training runs.
 """
 import functools
 import math
@@ -19,6 +23,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -309,21 +314,24 @@ def parse_compiler_options(text: str) -> dict:
     return options
 
 
-def make_train_step(model, config, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh, state_sharding, num_classes: int, compiler_options: dict) -> Callable:
-    """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
+def make_train_step(model, config, mesh, state_sharding, num_classes: int, compiler_options: dict) -> Callable:
+    """`step(state, batch, schedule) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
-    `batch` is {"image": uint8 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. The device
-    preprocessing (`device_preprocess`), mixup/CutMix and label smoothing happen inside; randomness
-    is `fold_in(key(config.seed), step)` (the device ops': `example_keys` of their own stream), so
-    it is the same on any mesh and after a resume. Metrics: loss, grad_norm, lr (replicated scalars).
-    XLA compiles it with `compiler_options` (see `parse_compiler_options`).
+    `batch` is {"image": uint8 (B, H, W, 3), "label": i32 (B,)} sharded over all devices. `schedule`
+    is the learning rate as a pytree called on the step count (`optim.WarmupCosine` of replicated
+    scalars, `replicated_schedule`): AdamW (`optim.make_optimizer` with `config.optimizer`) is built
+    on it inside the step, so its numbers are inputs of the program rather than constants in it.
+    The device preprocessing (`device_preprocess`), mixup/CutMix and label smoothing happen inside;
+    randomness is `fold_in(key(config.seed), step)` (the device ops': `example_keys` of their own
+    stream), so it is the same on any mesh and after a resume. Metrics: loss, grad_norm, lr
+    (replicated scalars). XLA compiles it with `compiler_options` (see `parse_compiler_options`).
     """
     check_device_pp(config.data.device_pp_train)
     base_key = jax.random.key(config.seed)
     mix = config.mixup
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, schedule):
+        tx = optim.make_optimizer(config.optimizer, schedule)
         mix_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step))
         images = device_preprocess(config, batch["image"], state.step)
         images, targets = mixup.mix_batch(
@@ -344,27 +352,65 @@ def make_train_step(model, config, tx: optax.GradientTransformation, schedule: o
         return new_state, metrics
 
     return jax.jit(on_mesh(train_step, mesh),
-                   in_shardings=(state_sharding, batch_sharding(mesh)),
+                   in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)),
                    donate_argnums=0, compiler_options=compiler_options)
 
 
-def prepare_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
-    """(abstract_state, state_sharding, train_step, initialise): the optimiser on the recipe's
-    schedule, the state's shapes and shardings (see `train_state_shapes`), the jitted step, exactly
-    as `train.py` runs them, and `initialise()` for the initial state."""
+def prepare_training(config, model, mesh, *, image_size: int, num_classes: int):
+    """(abstract_state, state_sharding, train_step, initialise): the state's shapes and shardings
+    (see `train_state_shapes`), the jitted step, exactly as `train.py` runs them, and `initialise()`
+    for the initial state. The step takes the schedule as its third argument (`replicated_schedule`)."""
     compiler_options = parse_compiler_options(config.compiler_options)  # a malformed one fails first
     check_device_pp(config.data.device_pp_train)
-    schedule = optim.schedule_from_config(config, steps_per_epoch)
-    tx = optim.make_optimizer(config.optimizer, schedule)
+    tx = optim.make_optimizer(config.optimizer, optax.constant_schedule(0.0))  # for its state's layout
     abstract_state, sharding, initialise = train_state_shapes(
         model, tx, mesh, image_size=image_size, seed=config.seed, keep_ema=config.ema_decay > 0)
-    train_step = make_train_step(model, config, tx, schedule, mesh, sharding, num_classes, compiler_options)
+    train_step = make_train_step(model, config, mesh, sharding, num_classes, compiler_options)
     return abstract_state, sharding, train_step, initialise
 
 
+def replicated_schedule(config, mesh, steps_per_epoch: int) -> optim.WarmupCosine:
+    """The recipe's schedule over the run (`optim.schedule_from_config`) as scalars replicated over
+    `mesh`: the train step's third argument."""
+    schedule = optim.schedule_from_config(config, steps_per_epoch)
+    return place(schedule, jax.tree.map(lambda _: replicated(mesh), schedule))
+
+
 def init_training(config, model, mesh, *, image_size: int, num_classes: int, steps_per_epoch: int):
-    """(state, state_sharding, train_step): `prepare_training` with the initial state computed."""
+    """(state, state_sharding, train_step, schedule): `prepare_training` with the initial state
+    computed, and the recipe's schedule for epochs of `steps_per_epoch` steps (`replicated_schedule`)."""
     _, sharding, train_step, initialise = prepare_training(
-        config, model, mesh, image_size=image_size, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
-    return initialise(), sharding, train_step
+        config, model, mesh, image_size=image_size, num_classes=num_classes)
+    return initialise(), sharding, train_step, replicated_schedule(config, mesh, steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# What of the config decides the train step's program.
+
+# Config fields that do not decide the train step's program: the schedule's (an input of the step,
+# `optim.SCHEDULE_FIELDS`) and those only the host reads: logging, checkpoints, evaluation, the
+# input pipeline, where programs are cached, how processes meet. Building and tracing the step reads
+# none of them (tests/test_train_program_key.py); the dataset reaches the program only through the
+# batch (its shape and dtype, among the key's arguments) and its class count and image size (the
+# key's context, `loop`).
+NOT_IN_TRAIN_PROGRAM = (
+    *optim.SCHEDULE_FIELDS, "log_every_steps", "checkpoint", "evals", "eval_batch_size", "init_from",
+    "allow_config_change", "compilation_cache_dir", "prefetch_to_device", "distributed",
+    "data.data_dir", "data.manual_dir", "data.train_split", "data.holdout_fraction", "data.pp_train",
+    "data.shuffle_buffer", "data.seed", "data.repeated_aug", "data.on_corrupt", "data.prefetch",
+    "data.num_parallel_calls", "data.num_train_examples", "data.num_eval_examples")
+
+
+def program_config(config) -> ml_collections.ConfigDict:
+    """A copy of `config` without `NOT_IN_TRAIN_PROGRAM` (those it has): the config part of the
+    kept train step's key (`compilation_cache.program_key`)."""
+    kept = ml_collections.ConfigDict(config.to_dict())
+    for field in NOT_IN_TRAIN_PROGRAM:
+        *parents, name = field.split(".")
+        node = kept
+        for parent in parents:
+            node = node.get(parent, {})
+        if name in node:
+            del node[name]
+    return kept
