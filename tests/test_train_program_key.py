@@ -136,7 +136,7 @@ def test_a_run_extended_with_another_learning_rate_loads_the_kept_step(store, tm
         loop.train_and_evaluate(extended, tmp_path, keep_compiled_step=True)
     assert "resumed from" in caplog.text and f"loaded the compiled train_step from {kept[0]}" in caplog.text
     assert "compiling the train step" not in caplog.text
-    schedule = optim.schedule_from_config(extended, data.steps_per_epoch(64, BATCH, 1))
+    schedule = optim.schedule_from_config(extended, data.steps_per_epoch(64, BATCH))
     records = [r for r in metrics.read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["lr"] for r in records[1:]] == pytest.approx([float(schedule(1)), float(schedule(2))], rel=1e-6)
