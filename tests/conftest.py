@@ -22,17 +22,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
-# The tests that take minutes on 2 CPU cores, longest first (`pytest --durations`). With
-# `--dist loadgroup` a worker takes the next unit when it is free, so these go first and the
+# The tests (and groups, see work_unit) that take minutes on 2 CPU cores, longest first, from
+# `pytest --durations` of the whole suite; a test takes the rank of the first prefix it starts with.
+# With `--dist loadgroup` a worker takes the next unit when it is free, so these go first and the
 # quick tests fill in around them: both workers finish together.
 LONGEST_FIRST = (
     "tests/test_ablate.py::test_notebook_small_setting_has_a_finite_row_per_variant",
     "tests/test_train_loop.py::test_two_processes_train_and_checkpoint_together",
-    "tests/test_kernels_mesh.py",
-    "tests/test_train_step.py",
-    "tests/test_faults.py",
     "tests/test_train_loop.py",
-    "tests/test_resume.py",
+    "tests/test_faults.py",
+    "tests/test_train_step.py",
+    "tests/test_kernels_mesh.py",
+    "tests/test_models.py::test_bfloat16_forward_and_backward_are_finite",
 )
 
 
