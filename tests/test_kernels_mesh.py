@@ -18,18 +18,17 @@ MODEL = {"embed_dims": (64, 64, 64, 64), "num_heads": (2, 2, 2, 2), "drop_path_r
 BATCH = 16
 
 
-def build(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
-    """The train step's pieces as the loop builds them, and its inputs besides the state: a
-    synthetic batch on the mesh and the schedule."""
+def prepare(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
+    """(config, mesh, model, abstract state, state sharding, initialise, train step) as the loop
+    builds them."""
     config = tiny_config(kernels=kernels, dtype=dtype, param_dtype=dtype, **MODEL)
     config.global_batch_size = batch
     config.mesh.update({"data": mesh_shape[0], "fsdp": mesh_shape[1]})
     mesh = step.make_mesh(config.mesh, devices)
     model = step.create_model(config.model, NUM_CLASSES)
-    state, sharding, train_step, schedule = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                                               num_classes=NUM_CLASSES, steps_per_epoch=10)
-    inputs = (step.synthetic_batch(mesh, batch, IMAGE_SIZE, NUM_CLASSES), schedule)
-    return config, mesh, model, state, sharding, train_step, inputs
+    abstract_state, sharding, train_step, initialise = step.prepare_training(
+        config, model, mesh, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    return config, mesh, model, abstract_state, sharding, initialise, train_step
 
 
 def loss_and_grads(mesh, model, state, sharding, images, targets):
@@ -44,9 +43,10 @@ def test_a_step_on_a_data_fsdp_mesh_equals_one_device_in_float64():
     """Loss, gradients and BatchNorm statistics agree to float64 round-off, relative to each
     array's largest entry (some gradients, such as the keys' biases', are zero but for round-off)."""
     with jax.enable_x64(True):
-        runs = {}
+        runs, state = {}, None
         for name, devices, mesh_shape in (("mesh", jax.devices(), (4, 2)), ("one", jax.devices()[:1], (1, 1))):
-            _, mesh, model, state, sharding, _, _ = build(PALLAS, devices, mesh_shape, "float64")
+            _, mesh, model, _, sharding, initialise, _ = prepare(PALLAS, devices, mesh_shape, "float64")
+            state = initialise() if state is None else jax.device_put(state, sharding)  # one initial state
             images = jax.random.normal(jax.random.key(0), (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float64)
             targets = jax.nn.one_hot(jnp.arange(BATCH) % NUM_CLASSES, NUM_CLASSES, dtype=jnp.float64)
             runs[name] = jax.device_get((loss_and_grads(mesh, model, state, sharding, images, targets),
@@ -67,8 +67,11 @@ def gathers(kernels: str, per_device: int) -> collections.Counter:
     `per_device` images a device: (kind, "any") counts them all, (kind, shape) those whose
     result's leading dimension is a multiple of `per_device` (of the batch's size: no weight of
     the tiny model has such a dimension when `per_device` is 5)."""
-    _, _, _, state, _, train_step, inputs = build(kernels, jax.devices(), (4, 2), "float32", 8 * per_device)
-    text = train_step.lower(state, *inputs).compile().as_text()
+    config, mesh, _, abstract_state, _, _, train_step = prepare(kernels, jax.devices(), (4, 2), "float32",
+                                                                8 * per_device)
+    inputs = (step.synthetic_batch(mesh, 8 * per_device, IMAGE_SIZE, NUM_CLASSES),
+              step.replicated_schedule(config, mesh, steps_per_epoch=10))
+    text = train_step.lower(abstract_state, *inputs).compile().as_text()  # lowering needs no initial state
     found = collections.Counter()
     for shape, leading, kind in re.findall(r"= (\w+\[(\d+)[\d,]*\])\S* (all-gather|all-to-all)(?:-start)?\(", text):
         found[kind, "any"] += 1

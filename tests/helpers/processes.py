@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import JAX_CACHE, QUICK_COMPILE_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
@@ -20,11 +22,12 @@ WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = sys.module
 
 
 def subprocess_env(num_devices: int, compilation_cache: bool = True) -> dict:
-    """Each subprocess sees `num_devices` CPU devices and shares the tests' compilation cache."""
+    """Each subprocess sees `num_devices` CPU devices and compiles as the tests do, sharing their
+    compilation cache."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {QUICK_COMPILE_FLAGS}"}
     if compilation_cache:
-        env.update({"JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"})
     return env
 
