@@ -50,9 +50,10 @@ def test_closing_stops_the_thread():
         while True:
             yield 0
 
+    others = set(threading.enumerate())  # another test's prefetch thread may still be winding down
     batches = prefetch_to_device(endless(), lambda b: b, size=2)
     next(batches)
-    running = [thread for thread in threading.enumerate() if thread.name == "prefetch_to_device"]
+    running = [thread for thread in set(threading.enumerate()) - others if thread.name == "prefetch_to_device"]
     assert running and all(thread.is_alive() for thread in running)
     batches.close()
     for thread in running:
@@ -75,11 +76,12 @@ def test_closing_waits_for_the_batch_in_transfer():
         time.sleep(0.5)
         return batch
 
+    others = set(threading.enumerate())  # another test's prefetch thread may still be winding down
     batches = prefetch_to_device(iter(range(10)), slow_transfer, size=1)
     next(batches)
     in_transfer.wait()
     batches.close()
-    assert not any(t.is_alive() for t in threading.enumerate() if t.name == "prefetch_to_device")
+    assert not any(t.is_alive() for t in set(threading.enumerate()) - others if t.name == "prefetch_to_device")
 
 
 def test_reads_before_the_first_batch_is_asked_for_and_closes_untouched():
@@ -90,8 +92,9 @@ def test_reads_before_the_first_batch_is_asked_for_and_closes_untouched():
         reading.set()
         yield from range(10)
 
+    others = set(threading.enumerate())
     batches = prefetch_to_device(source(), lambda b: b, size=2)
     assert reading.wait(timeout=60)
     batches.close()
-    assert not any(t.is_alive() for t in threading.enumerate() if t.name == "prefetch_to_device")
+    assert not any(t.is_alive() for t in set(threading.enumerate()) - others if t.name == "prefetch_to_device")
     assert list(batches) == []
