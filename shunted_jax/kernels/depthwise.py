@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.kernels.common import Target, accumulator, gelu_slope, normal_cdf, traced_once
+from shunted_jax.kernels.common import Target, accumulator, gelu_slope, multiply_add, normal_cdf, traced_once
 
 _CHANNEL_BLOCKS = (64, 32)
 """Channels per Pallas program, the largest that divides C; every depthwise conv of the
@@ -72,20 +72,23 @@ class _Row:
     channels. Rows are the grid's first axis, so programs launched together share their input
     rows in the cache."""
 
-    def __init__(self, ref, height, width, block_w, block_c):
+    def __init__(self, ref, height, width, block_w, block_c, fast_math):
+        self.fast_math = fast_math
         self.row, self.batch = pl.program_id(0), pl.program_id(1)
         self.lanes = pl.program_id(2) * block_c + jnp.arange(block_c)
         self.columns = pl.program_id(3) * block_w + jnp.arange(block_w)
         self.height, self.width = height, width
         self.acc = accumulator(ref.dtype)
 
-    def stencil(self, ref, w_ref):
-        """The sum over taps k of the shifted rows of `ref` times w[k], and the unshifted row."""
+    def stencil(self, ref, w_ref, start, residual: bool):
+        """`start` plus the sum over taps k of the shifted rows of `ref` times w[k], and with
+        `residual` the unshifted row too (as 1 added to the centre tap): one multiply-add a tap."""
         terms = _shifted_taps(ref, self.batch, self.row, self.columns, self.height, self.width, self.lanes, self.acc)
-        acc = jnp.zeros(terms[0].shape, self.acc)
+        acc = start
         for k, x in enumerate(terms):
-            acc += x * w_ref[k, self.lanes].astype(self.acc)[None, :]
-        return acc, terms[4]
+            w = w_ref[k, self.lanes].astype(self.acc)
+            acc = multiply_add(x, (w + 1 if residual and k == 4 else w)[None, :], acc, self.fast_math)
+        return acc
 
     def bias(self, b_ref):
         """The bias row: b_ref[c], or from an edge table (`_edge_table`) the entry for this row's
@@ -110,11 +113,8 @@ def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math
     """z = sum of the 9 shifted input rows times their taps, plus the bias (a vector or an edge
     table) and, with `residual`, the input; writes GELU(z) = z Phi(z) with `apply_gelu` (else z),
     and, when a second output is asked for, GELU's slope Phi(z) + z phi(z) for the backward."""
-    here = _Row(x_ref, **tiling)
-    z, center = here.stencil(x_ref, w_ref)
-    z += here.bias(b_ref)
-    if residual:
-        z += center
+    here = _Row(x_ref, fast_math=fast_math, **tiling)
+    z = here.stencil(x_ref, w_ref, here.bias(b_ref), residual)
     if not apply_gelu:
         here.store(out_refs[0], z)
         return
@@ -124,7 +124,7 @@ def _conv_kernel(x_ref, w_ref, b_ref, *out_refs, residual, apply_gelu, fast_math
         here.store(out_refs[1], gelu_slope(z, cdf, fast_math))
 
 
-def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c, block_h):
+def _weight_grad_kernel(*refs, with_slope, fast_math, height, width, block_w, block_c, block_h):
     """One strip of `block_h` rows and `block_w` columns of one image, one block of channels: the
     sums over it of g times each of the 9 shifted inputs and of g alone. Products are summed row
     by row in (block_w, block_c) accumulators and reduced over the columns once at the end.
@@ -147,7 +147,7 @@ def _weight_grad_kernel(*refs, with_slope, height, width, block_w, block_c, bloc
             _store_row(dz_ref, batch, row, columns, width, lanes, g)
             g = g.astype(acc_dtype)
         taps = _shifted_taps(x_ref, batch, row, columns, height, width, lanes, acc_dtype)
-        return tuple(s + g * x for s, x in zip(sums, taps + [1]))
+        return tuple(multiply_add(g, x, s, fast_math) for s, x in zip(sums, taps)) + (sums[-1] + g,)
 
     zeros = jnp.zeros((block_w, block_c), acc_dtype)
     sums = jax.lax.fori_loop(0, block_h, add_row, (zeros,) * 10)
@@ -188,7 +188,8 @@ def _pallas_weight_grad(x, g, slope, target: Target, tiling: Tiling | None = Non
     grid = (batch, channels // tiling.block_c, pl.cdiv(width, tiling.block_w), height // tiling.block_h)
     sums = jax.ShapeDtypeStruct((batch * grid[2] * grid[3], 10, channels), accumulator(x.dtype))
     with_slope = slope is not None
-    kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, height=height, width=width,
+    kernel = functools.partial(_weight_grad_kernel, with_slope=with_slope, fast_math=target.fast_math,
+                               height=height, width=width,
                                block_w=tiling.block_w, block_c=tiling.block_c, block_h=tiling.block_h)
     call = pl.pallas_call(kernel, out_shape=(sums, jax.ShapeDtypeStruct(g.shape, g.dtype)) if with_slope else sums,
                           grid=grid, interpret=target.interpret,

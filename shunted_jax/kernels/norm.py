@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from shunted_jax.kernels.common import Target, gelu_slope, normal_cdf
+from shunted_jax.kernels.common import Target, gelu_slope, multiply_add, normal_cdf
 
 _BLOCK_ELEMENTS = 4096
 """Elements (rows x channels, padded to a power of two) per Pallas program."""
@@ -52,7 +52,7 @@ def _layer_norm_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, *, epsilon, ap
     here = _Rows(**tiling)
     acc = scale_ref.dtype
     x_hat, _ = here.standardize(here.load(x_ref, acc), epsilon)
-    y = x_hat * here.load_channels(scale_ref, acc) + here.load_channels(bias_ref, acc)
+    y = multiply_add(x_hat, here.load_channels(scale_ref, acc), here.load_channels(bias_ref, acc), fast_math)
     here.store(y_ref, y * normal_cdf(y, fast_math) if apply_gelu else y)
 
 
@@ -66,7 +66,7 @@ def _layer_norm_backward_kernel(x_ref, scale_ref, bias_ref, g_ref, dx_ref, sums_
     x_hat, inv_std = here.standardize(here.load(x_ref, acc), epsilon)
     scale, g = here.load_channels(scale_ref, acc), here.load(g_ref, acc)
     if apply_gelu:
-        y = x_hat * scale + here.load_channels(bias_ref, acc)
+        y = multiply_add(x_hat, scale, here.load_channels(bias_ref, acc), fast_math)
         g = g * gelu_slope(y, normal_cdf(y, fast_math), fast_math)
     g_scaled = g * scale
     mean_g = jnp.sum(g_scaled, axis=1, keepdims=True) / here.channels
