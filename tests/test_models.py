@@ -112,9 +112,10 @@ def test_bfloat16_forward_and_backward_are_finite(name):
 def test_too_small_input_says_the_minimum():
     model = models.create("shunted_t", num_classes=3)
     assert model.min_input_size() == 31
-    variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 31, 33, 3)))
+    # Tracing meets the size check: the shapes say it all, nothing needs compiling.
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 31, 33, 3))))
     with pytest.raises(ValueError, match=">= 31"):
-        model.apply(variables, jnp.zeros((1, 30, 64, 3)))
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 30, 64, 3)))
     assert models.create("pvt_v2_b0").min_input_size() == 29
 
 
@@ -159,40 +160,56 @@ def test_general_ssa_splits_heads_over_any_number_of_scales():
     model = models.create("shunted_t", num_classes=4, num_heads=(3, 3, 6, 6), embed_dims=(48, 48, 96, 96),
                           depths=(1, 1, 1, 1), ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,)))
     images = jnp.ones((1, 64, 64, 3))
-    variables = model.init({"params": jax.random.key(0)}, images)
+    # Only shapes are checked: traced, not compiled.
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
     attn = variables["params"]["block1"]["attn"]
     assert [attn[f"sr{g}"]["kernel"].shape[1] for g in (1, 2, 3)] == [8, 4, 2]
     assert attn["kv1"]["kernel"].shape[-1] == 2 * 16  # 1 of 3 heads, head_dim 16, K and V
-    _, state = model.apply(variables, images, mutable=["intermediates"])
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, mutable=["intermediates"]), variables)
     probs = state["intermediates"]["block1"]["attn"]["attention_probs"]
     assert [p.shape[-1] for p in probs] == [2 * 2, 4 * 4, 8 * 8]  # keys per group at 16x16 tokens
     with pytest.raises(ValueError, match="divisible"):
-        models.create("shunted_t", ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,))).init(
-            {"params": jax.random.key(0)}, images)
+        unsplittable = models.create("shunted_t", ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,)))
+        jax.eval_shape(lambda: unsplittable.init({"params": jax.random.key(0)}, images))
 
 
 def test_official_initialisation():
-    params = models.create("shunted_t").init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))["params"]
-    depthwise = params["block1"]["mlp"]["dwconv"]["kernel"]  # (depth, 3, 3, 1, 512)
-    assert np.std(depthwise) == pytest.approx(np.sqrt(2 / 9), rel=0.02)
-    assert np.std(params["patch_embed1"]["conv_0"]["kernel"]) == pytest.approx(np.sqrt(2 / (49 * 64)), rel=0.05)
-    assert np.std(params["block3"]["attn"]["q"]["kernel"]) == pytest.approx(0.02, rel=0.02)
-    assert np.std(params["head"]["kernel"]) == pytest.approx(0.02, rel=0.02)
-    assert not np.any(params["block3"]["attn"]["q"]["bias"])
-    assert np.all(params["norm4"]["scale"] == 1)
+    @jax.jit
+    def checked_params():
+        """The initialised arrays the test looks at: XLA drops the rest of the init (compiled whole,
+        or run op by op, it costs ten times as much)."""
+        params = models.create("shunted_t").init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))["params"]
+        return {"depthwise": params["block1"]["mlp"]["dwconv"]["kernel"],  # (depth, 3, 3, 1, 512)
+                "stem": params["patch_embed1"]["conv_0"]["kernel"], "q": params["block3"]["attn"]["q"],
+                "head": params["head"]["kernel"], "norm4": params["norm4"]["scale"]}
+
+    params = checked_params()
+    assert np.std(params["depthwise"]) == pytest.approx(np.sqrt(2 / 9), rel=0.02)
+    assert np.std(params["stem"]) == pytest.approx(np.sqrt(2 / (49 * 64)), rel=0.05)
+    assert np.std(params["q"]["kernel"]) == pytest.approx(0.02, rel=0.02)
+    assert np.std(params["head"]) == pytest.approx(0.02, rel=0.02)
+    assert not np.any(params["q"]["bias"])
+    assert np.all(params["norm4"] == 1)
 
 
 def test_drop_path_only_in_training():
     model = models.create("pvt_v2_b0", num_classes=3, depths=(1, 1, 1, 1), drop_path_rate=0.0)
     images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    variables = model.init({"params": jax.random.key(1)}, images)
-    rngs = {"dropout": jax.random.key(2)}
-    eval_logits = model.apply(variables, images)
-    np.testing.assert_allclose(model.apply(variables, images, train=True, rngs=rngs), eval_logits, atol=1e-6)
+    variables = random_variables(model, images)
     droppy = model.clone(drop_path_rate=0.9)
-    np.testing.assert_allclose(droppy.apply(variables, images), eval_logits, atol=1e-6)
-    dropped = droppy.apply(variables, images, train=True, rngs=rngs)
-    assert np.abs(np.asarray(dropped) - np.asarray(eval_logits)).max() > 1e-3
+
+    @jax.jit
+    def logits(variables):
+        """Without and with drop path, in inference and in training: one program, not four."""
+        rngs = {"dropout": jax.random.key(2)}
+        return {(rate, train): m.apply(variables, images, train=train, rngs=rngs)
+                for rate, m in ((0.0, model), (0.9, droppy)) for train in (False, True)}
+
+    out = logits(variables)
+    eval_logits = out[0.0, False]
+    np.testing.assert_allclose(out[0.0, True], eval_logits, atol=1e-6)
+    np.testing.assert_allclose(out[0.9, False], eval_logits, atol=1e-6)
+    assert np.abs(np.asarray(out[0.9, True]) - np.asarray(eval_logits)).max() > 1e-3
 
 
 def test_token_aggregator_is_the_sum_of_its_branches_through_one_projection():
