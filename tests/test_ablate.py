@@ -90,7 +90,7 @@ def test_every_variant_is_a_config_override_of_its_train_config(small_plan):
     by_label = {item.variant.label: item for item in small_plan}
     assert set(by_label) == {"ssa", "sra", "ssa_3scale", "ssa_1scale", "plain_ffn", "aggregator", "vit"}
     for item in small_plan:
-        assert item.config.data.image_size == 64 and item.config.num_train_steps == 6
+        assert item.config.data.image_size == 64 and item.config.num_train_steps == 3
         assert "{image_size}" in item.config.data.pp_train  # the images really are resized to 64 px
     # The designs differ where they should and only there.
     assert by_label["ssa"].model.stage_rates() == ((8, 4), (4, 2), (2, 1), (1,))

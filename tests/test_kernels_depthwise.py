@@ -96,7 +96,7 @@ def test_every_depthwise_conv_of_the_model_takes_the_pallas_path():
         pallas = model.clone(kernels="depthwise=pallas")
         assert grouped_convolutions(model, variables, images) > 0
         assert grouped_convolutions(pallas, variables, images) == 0
-        logits = pallas.apply(variables, images)
+        logits = jax.jit(pallas.apply)(variables, images)
         np.testing.assert_allclose(logits, arrays["logits_fp64"], rtol=1e-6, atol=1e-7)
 
 

@@ -19,40 +19,50 @@ BATCH = 16
 
 
 def prepare(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
-    """(config, mesh, model, abstract state, state sharding, initialise, train step) as the loop
-    builds them."""
+    """(config, mesh, model, abstract state, state sharding, train step) as the loop builds them."""
     config = tiny_config(kernels=kernels, dtype=dtype, param_dtype=dtype, **MODEL)
     config.global_batch_size = batch
     config.mesh.update({"data": mesh_shape[0], "fsdp": mesh_shape[1]})
     mesh = step.make_mesh(config.mesh, devices)
     model = step.create_model(config.model, NUM_CLASSES)
-    abstract_state, sharding, train_step, initialise = step.prepare_training(
+    abstract_state, sharding, train_step, _ = step.prepare_training(
         config, model, mesh, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
-    return config, mesh, model, abstract_state, sharding, initialise, train_step
+    return config, mesh, model, abstract_state, sharding, train_step
 
 
-def loss_and_grads(mesh, model, state, sharding, images, targets):
-    """The train step's loss, gradients and BatchNorm statistics, jitted on `mesh` as the step is."""
-    def compute(state, images, targets):
-        return step._loss_and_grads(model, state.params, state.batch_stats, images, targets, jax.random.key(1))
+def drawn_weights(abstract_state) -> tuple:
+    """(params, batch_stats) in the state's shapes and dtypes, drawn with numpy: no initialisation
+    to compile."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: (rng.normal(0, 0.05, s.shape) + 1.0 * (len(s.shape) < 2)).astype(s.dtype),
+                        (abstract_state.params, abstract_state.batch_stats))
+
+
+def loss_and_grads(mesh, model, weights, sharding, images, targets):
+    """The train step's loss, gradients and BatchNorm statistics for `weights` (params, batch_stats),
+    jitted on `mesh` as the step is."""
+    def compute(weights, images, targets):
+        return step._loss_and_grads(model, *weights, images, targets, jax.random.key(1))
     batch = step.batch_sharding(mesh)
-    return jax.jit(step.on_mesh(compute, mesh), in_shardings=(sharding, batch, batch))(state, images, targets)
+    weights_sharding = (sharding.params, sharding.batch_stats)
+    return jax.jit(step.on_mesh(compute, mesh), in_shardings=(weights_sharding, batch, batch))(
+        jax.device_put(weights, weights_sharding), images, targets)
 
 
 def test_a_step_on_a_data_fsdp_mesh_equals_one_device_in_float64():
     """Loss, gradients and BatchNorm statistics agree to float64 round-off, relative to each
     array's largest entry (some gradients, such as the keys' biases', are zero but for round-off)."""
     with jax.enable_x64(True):
-        runs, state = {}, None
+        runs, weights = {}, None
         for name, devices, mesh_shape in (("mesh", jax.devices(), (4, 2)), ("one", jax.devices()[:1], (1, 1))):
-            _, mesh, model, _, sharding, initialise, _ = prepare(PALLAS, devices, mesh_shape, "float64")
-            state = initialise() if state is None else jax.device_put(state, sharding)  # one initial state
+            _, mesh, model, abstract_state, sharding, _ = prepare(PALLAS, devices, mesh_shape, "float64")
+            weights = drawn_weights(abstract_state) if weights is None else weights  # the same for both
             images = jax.random.normal(jax.random.key(0), (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float64)
             targets = jax.nn.one_hot(jnp.arange(BATCH) % NUM_CLASSES, NUM_CLASSES, dtype=jnp.float64)
-            runs[name] = jax.device_get((loss_and_grads(mesh, model, state, sharding, images, targets),
-                                         state.batch_stats))
-    (loss, stats, grads), initial_stats = runs["mesh"]
-    (want_loss, want_stats, want_grads), _ = runs["one"]
+            runs[name] = jax.device_get(loss_and_grads(mesh, model, weights, sharding, images, targets))
+    initial_stats = weights[1]
+    loss, stats, grads = runs["mesh"]
+    want_loss, want_stats, want_grads = runs["one"]
     assert loss.dtype == np.float64 and loss == pytest.approx(want_loss, rel=1e-13)
     leaves = jax.tree_util.tree_leaves_with_path((grads, stats))
     assert len(leaves) == len(jax.tree.leaves((want_grads, want_stats)))
@@ -67,7 +77,7 @@ def gathers(kernels: str, per_device: int) -> collections.Counter:
     `per_device` images a device: (kind, "any") counts them all, (kind, shape) those whose
     result's leading dimension is a multiple of `per_device` (of the batch's size: no weight of
     the tiny model has such a dimension when `per_device` is 5)."""
-    config, mesh, _, abstract_state, _, _, train_step = prepare(kernels, jax.devices(), (4, 2), "float32",
+    config, mesh, _, abstract_state, _, train_step = prepare(kernels, jax.devices(), (4, 2), "float32",
                                                                 8 * per_device)
     inputs = (step.synthetic_batch(mesh, 8 * per_device, IMAGE_SIZE, NUM_CLASSES),
               step.replicated_schedule(config, mesh, steps_per_epoch=10))

@@ -24,7 +24,7 @@ OFFICIAL_PARAMS = {
 def test_float64_logits_match_official(name):
     with jax.enable_x64(True):
         arrays, model, variables, images = fixture_model_and_variables(name, jnp.float64)
-        logits = model.apply(variables, images)
+        logits = jax.jit(model.apply)(variables, images)  # one program: op by op compiles far more
         assert logits.dtype == jnp.float64
         assert np.abs(np.asarray(logits) - arrays["logits_fp64"]).max() <= 1e-9
 
@@ -32,8 +32,9 @@ def test_float64_logits_match_official(name):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_float32_logits_and_features_match_official(name):
     arrays, model, variables, images = fixture_model_and_variables(name, jnp.float32)
-    assert np.abs(np.asarray(model.apply(variables, images)) - arrays["logits"]).max() <= 5e-5
-    features = model.apply(variables, images, method="features")
+    logits, features = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="features")))(
+        variables, images)
+    assert np.abs(np.asarray(logits) - arrays["logits"]).max() <= 5e-5
     grids = json.loads(str(arrays["meta"]))["stage_hw"]
     for i, feature in enumerate(features, start=1):
         assert feature.shape[1:3] == tuple(grids[f"patch_embed{i}"])
@@ -43,8 +44,9 @@ def test_float32_logits_and_features_match_official(name):
 
 def test_fused_attention_path_matches_exact_path():
     arrays, model, variables, images = fixture_model_and_variables("tiny_shunted_64x48", jnp.float32)
-    fused = model.clone(kernels="attention=xla").apply(variables, images)
-    np.testing.assert_allclose(fused, model.apply(variables, images), atol=1e-5)
+    fused, exact = jax.jit(lambda v, x: (model.clone(kernels="attention=xla").apply(v, x), model.apply(v, x)))(
+        variables, images)
+    np.testing.assert_allclose(fused, exact, atol=1e-5)
 
 
 def test_multiply_adds_do_not_depend_on_the_kernels():
@@ -112,9 +114,10 @@ def test_bfloat16_forward_and_backward_are_finite(name):
 def test_too_small_input_says_the_minimum():
     model = models.create("shunted_t", num_classes=3)
     assert model.min_input_size() == 31
-    variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 31, 33, 3)))
+    # Tracing meets the size check: the shapes say it all, nothing needs compiling.
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 31, 33, 3))))
     with pytest.raises(ValueError, match=">= 31"):
-        model.apply(variables, jnp.zeros((1, 30, 64, 3)))
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 30, 64, 3)))
     assert models.create("pvt_v2_b0").min_input_size() == 29
 
 
@@ -141,8 +144,9 @@ def test_feature_info_gives_the_channels_and_strides_of_the_feature_maps(name, c
 
 def test_selected_feature_maps_are_those_of_all_stages():
     _, model, variables, images = fixture_model_and_variables("tiny_pvt_v2_64x64", jnp.float32)
-    every = model.apply(variables, images, method="features")
-    selected = model.apply(variables, images, method="features", out_indices=(2, 0))
+    every, selected = jax.jit(lambda v, x: (model.apply(v, x, method="features"),
+                                            model.apply(v, x, method="features", out_indices=(2, 0))))(
+        variables, images)
     np.testing.assert_array_equal(selected[0], every[2])
     np.testing.assert_array_equal(selected[1], every[0])
 
@@ -159,40 +163,56 @@ def test_general_ssa_splits_heads_over_any_number_of_scales():
     model = models.create("shunted_t", num_classes=4, num_heads=(3, 3, 6, 6), embed_dims=(48, 48, 96, 96),
                           depths=(1, 1, 1, 1), ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,)))
     images = jnp.ones((1, 64, 64, 3))
-    variables = model.init({"params": jax.random.key(0)}, images)
+    # Only shapes are checked: traced, not compiled.
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
     attn = variables["params"]["block1"]["attn"]
     assert [attn[f"sr{g}"]["kernel"].shape[1] for g in (1, 2, 3)] == [8, 4, 2]
     assert attn["kv1"]["kernel"].shape[-1] == 2 * 16  # 1 of 3 heads, head_dim 16, K and V
-    _, state = model.apply(variables, images, mutable=["intermediates"])
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, mutable=["intermediates"]), variables)
     probs = state["intermediates"]["block1"]["attn"]["attention_probs"]
     assert [p.shape[-1] for p in probs] == [2 * 2, 4 * 4, 8 * 8]  # keys per group at 16x16 tokens
     with pytest.raises(ValueError, match="divisible"):
-        models.create("shunted_t", ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,))).init(
-            {"params": jax.random.key(0)}, images)
+        unsplittable = models.create("shunted_t", ssa_rates=((8, 4, 2), (4, 2, 1), (2, 1, 1), (1,)))
+        jax.eval_shape(lambda: unsplittable.init({"params": jax.random.key(0)}, images))
 
 
 def test_official_initialisation():
-    params = models.create("shunted_t").init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))["params"]
-    depthwise = params["block1"]["mlp"]["dwconv"]["kernel"]  # (depth, 3, 3, 1, 512)
-    assert np.std(depthwise) == pytest.approx(np.sqrt(2 / 9), rel=0.02)
-    assert np.std(params["patch_embed1"]["conv_0"]["kernel"]) == pytest.approx(np.sqrt(2 / (49 * 64)), rel=0.05)
-    assert np.std(params["block3"]["attn"]["q"]["kernel"]) == pytest.approx(0.02, rel=0.02)
-    assert np.std(params["head"]["kernel"]) == pytest.approx(0.02, rel=0.02)
-    assert not np.any(params["block3"]["attn"]["q"]["bias"])
-    assert np.all(params["norm4"]["scale"] == 1)
+    @jax.jit
+    def checked_params():
+        """The initialised arrays the test looks at: XLA drops the rest of the init (compiled whole,
+        or run op by op, it costs ten times as much)."""
+        params = models.create("shunted_t").init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))["params"]
+        return {"depthwise": params["block1"]["mlp"]["dwconv"]["kernel"],  # (depth, 3, 3, 1, 512)
+                "stem": params["patch_embed1"]["conv_0"]["kernel"], "q": params["block3"]["attn"]["q"],
+                "head": params["head"]["kernel"], "norm4": params["norm4"]["scale"]}
+
+    params = checked_params()
+    assert np.std(params["depthwise"]) == pytest.approx(np.sqrt(2 / 9), rel=0.02)
+    assert np.std(params["stem"]) == pytest.approx(np.sqrt(2 / (49 * 64)), rel=0.05)
+    assert np.std(params["q"]["kernel"]) == pytest.approx(0.02, rel=0.02)
+    assert np.std(params["head"]) == pytest.approx(0.02, rel=0.02)
+    assert not np.any(params["q"]["bias"])
+    assert np.all(params["norm4"] == 1)
 
 
 def test_drop_path_only_in_training():
     model = models.create("pvt_v2_b0", num_classes=3, depths=(1, 1, 1, 1), drop_path_rate=0.0)
     images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    variables = model.init({"params": jax.random.key(1)}, images)
-    rngs = {"dropout": jax.random.key(2)}
-    eval_logits = model.apply(variables, images)
-    np.testing.assert_allclose(model.apply(variables, images, train=True, rngs=rngs), eval_logits, atol=1e-6)
+    variables = random_variables(model, images)
     droppy = model.clone(drop_path_rate=0.9)
-    np.testing.assert_allclose(droppy.apply(variables, images), eval_logits, atol=1e-6)
-    dropped = droppy.apply(variables, images, train=True, rngs=rngs)
-    assert np.abs(np.asarray(dropped) - np.asarray(eval_logits)).max() > 1e-3
+
+    @jax.jit
+    def logits(variables):
+        """Without and with drop path, in inference and in training: one program, not four."""
+        rngs = {"dropout": jax.random.key(2)}
+        return {(rate, train): m.apply(variables, images, train=train, rngs=rngs)
+                for rate, m in ((0.0, model), (0.9, droppy)) for train in (False, True)}
+
+    out = logits(variables)
+    eval_logits = out[0.0, False]
+    np.testing.assert_allclose(out[0.0, True], eval_logits, atol=1e-6)
+    np.testing.assert_allclose(out[0.9, False], eval_logits, atol=1e-6)
+    assert np.abs(np.asarray(out[0.9, True]) - np.asarray(eval_logits)).max() > 1e-3
 
 
 def test_token_aggregator_is_the_sum_of_its_branches_through_one_projection():
@@ -214,9 +234,14 @@ def test_token_aggregator_is_the_sum_of_its_branches_through_one_projection():
 
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 32))
     unbatched = lambda p: jax.tree_util.tree_map(lambda a: a[0], p)
-    full = MultiScaleTokenAggregator(2, (4, 2)).apply({"params": unbatched(attn)}, x)
-    parts = [MultiScaleTokenAggregator(2, (rate,)).apply({"params": unbatched(one_branch(g, g == 1))}, x)
-             for g, rate in ((1, 4), (2, 2))]
+
+    @jax.jit
+    def full_and_parts(attn):
+        full = MultiScaleTokenAggregator(2, (4, 2)).apply({"params": unbatched(attn)}, x)
+        return full, [MultiScaleTokenAggregator(2, (rate,)).apply({"params": unbatched(one_branch(g, g == 1))}, x)
+                      for g, rate in ((1, 4), (2, 2))]
+
+    full, parts = full_and_parts(attn)
     np.testing.assert_allclose(full, parts[0] + parts[1], atol=1e-5)
     assert np.abs(np.asarray(parts[1])).max() > 1e-3  # the second branch contributes
 
@@ -228,7 +253,8 @@ def test_single_branch_aggregator_is_single_group_ssa():
     ssa = models.create("shunted_t", **{**fields, "ssa_rates": ((4,), (2,), (2,), (2,))})
     variables = random_variables(ssa, images)
     aggregator = ssa.clone(attention="aggregator")
-    np.testing.assert_allclose(aggregator.apply(variables, images), ssa.apply(variables, images), atol=1e-5)
+    got, want = jax.jit(lambda v: (aggregator.apply(v, images), ssa.apply(v, images)))(variables)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_vit_baseline_has_deit_tiny_shape_and_refuses_other_grids():
@@ -238,12 +264,13 @@ def test_vit_baseline_has_deit_tiny_shape_and_refuses_other_grids():
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"])) == 5_717_416 - 2 * 192
     assert count_macs(model)["total"]["all"] / 1e9 == pytest.approx(1.25, abs=0.01)  # DeiT-Ti: 1.3 GFLOPs
     small = models.create("vit_ti16", num_classes=3, embed_dim=32, depth=2, num_heads=2, patch_size=8)
-    variables = small.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+    # Shapes only: traced, not compiled.
+    variables = jax.eval_shape(lambda: small.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3))))
     assert variables["params"]["block1"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
-    _, state = small.apply(variables, jnp.ones((1, 32, 32, 3)), mutable=["intermediates"])
+    _, state = jax.eval_shape(lambda v: small.apply(v, jnp.ones((1, 32, 32, 3)), mutable=["intermediates"]), variables)
     assert state["intermediates"]["block1"]["attn"]["attention_probs"][0].shape == (2, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="4x4 patch grid"):
-        small.apply(variables, jnp.zeros((1, 48, 48, 3)))
+        jax.eval_shape(small.apply, variables, jnp.zeros((1, 48, 48, 3)))
 
 
 @pytest.mark.parametrize("height, width, channels, size, padding", [
@@ -276,9 +303,12 @@ def test_conv_stem_trains_the_same_with_space_to_depth():
             out, stats = stem.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
             return jnp.sum(out ** 2), stats
 
-        (got, got_stats), got_grads = jax.value_and_grad(lambda p: train(stems[0], p), has_aux=True)(variables["params"])
-        (want, want_stats), want_grads = jax.value_and_grad(lambda p: train(stems[1], p), has_aux=True)(
-            variables["params"])
+        @jax.jit
+        def both(params):
+            """Both stems' loss, statistics and gradients: one program."""
+            return [jax.value_and_grad(lambda p: train(stem, p), has_aux=True)(params) for stem in stems]
+
+        ((got, got_stats), got_grads), ((want, want_stats), want_grads) = both(variables["params"])
         for g, w in zip(jax.tree.leaves((got, got_stats, got_grads)), jax.tree.leaves((want, want_stats, want_grads))):
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 

@@ -52,6 +52,11 @@ def fixture_model_and_variables(name, dtype):
 
 def outputs_and_grads(module, variables, x, cotangent):
     """The output as inferred (undifferentiated), and as trained (differentiated) with the
-    gradients w.r.t. the variables and x (any pytree of arrays) for that cotangent."""
-    trained, vjp = jax.vjp(module.apply, variables, x)
-    return module.apply(variables, x), trained, vjp(cotangent)
+    gradients w.r.t. the variables and x (any pytree of arrays) for that cotangent; one jitted
+    program (op by op, every operation would compile on its own)."""
+    @jax.jit
+    def compute(variables, x, cotangent):
+        trained, vjp = jax.vjp(module.apply, variables, x)
+        return module.apply(variables, x), trained, vjp(cotangent)
+
+    return compute(variables, x, cotangent)
