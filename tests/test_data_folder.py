@@ -161,15 +161,21 @@ def test_holding_out_is_for_folder_datasets():
         data.dataset_info(small_config(name="synthetic", holdout_fraction=0.1))
 
 
-def test_a_folder_without_evaluation_split_trains_without_evaluators(train_only_root, tmp_path):
-    """The evaluators' splits are checked before anything is compiled; `--config.evals={}` has none."""
+def test_a_folder_without_evaluation_split_trains_without_evaluators(tmp_path):
+    """The evaluators' splits are checked before anything is compiled; `--config.evals={}` has none.
+    Ten classes and batches of 16, as test_train_loop's runs on synthetic data: the same programs,
+    which JAX's compilation cache may hold."""
     from configs import shunted_t
     from shunted_jax.train import checkpoint, loop
 
+    root = tmp_path / "ten_classes"
+    for label in range(10):
+        for n in range(2):
+            write_jpeg(f"{root}/train/class{label}/{n}.jpg", natural_image(40, 50, seed=n + 20 * label))
     config = shunted_t.get_config("demo")
     config.unlock()
-    config.data.update({"name": f"folder:{train_only_root}", "data_dir": str(tmp_path)})
-    config.update({"global_batch_size": 8, "eval_batch_size": 8, "num_train_steps": 1, "log_every_steps": 1,
+    config.data.update({"name": f"folder:{root}", "data_dir": str(tmp_path)})
+    config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 1, "log_every_steps": 1,
                    "compilation_cache_dir": ""})
     with pytest.raises(ValueError, match=r"config\.evals\.val: .* has no evaluation split"):
         loop.train_and_evaluate(config, tmp_path / "default_evaluator")

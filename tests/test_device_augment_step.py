@@ -33,39 +33,43 @@ def uint8_images(seed=0):
     return np.random.default_rng(seed).integers(0, 256, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
-def augmented(config, images, step_number, devices):
-    """The train step's device preprocessing of `images`, jitted over a mesh of `devices`."""
+def augmenter(config, devices):
+    """`(images, step_number) -> augmented`: the train step's device preprocessing, jitted over a
+    mesh of `devices`."""
     mesh = step.make_mesh(config.mesh, devices)
     preprocess = jax.jit(lambda x, s: step.device_preprocess(config, x, s),
                          in_shardings=(step.batch_sharding(mesh), step.replicated(mesh)),
                          out_shardings=step.batch_sharding(mesh))
-    return np.asarray(preprocess(jax.device_put(images, step.batch_sharding(mesh)), jnp.int32(step_number)))
+    return lambda images, step_number: np.asarray(
+        preprocess(jax.device_put(images, step.batch_sharding(mesh)), jnp.int32(step_number)))
 
 
 def test_the_augmented_batch_depends_only_on_seed_step_and_row():
     config = tiny_config()
     images = uint8_images()
-    one_device = augmented(config, images, 7, jax.devices()[:1])
-    eight_devices = augmented(config, images, 7, jax.devices())
-    np.testing.assert_allclose(eight_devices, one_device, atol=1e-5)
-    # A resumed run calls the step with the restored step number: nothing else goes in.
-    resumed = np.asarray(step.device_preprocess(config, jnp.asarray(images), 7))
+    one_device = augmenter(config, jax.devices()[:1])(images, 7)
+    on_eight_devices = augmenter(config, jax.devices())
+    np.testing.assert_allclose(on_eight_devices(images, 7), one_device, atol=1e-5)
+    # A resumed run calls the step with the restored step number: nothing else goes in, so a
+    # program of its own, without a mesh, gives the same batch.
+    resumed = np.asarray(jax.jit(lambda x, s: step.device_preprocess(config, x, s))(jnp.asarray(images), 7))
     np.testing.assert_allclose(resumed, one_device, atol=1e-5)
     assert one_device.dtype == np.float32 and abs(one_device.mean()) < 3  # normalised
-    assert not np.allclose(augmented(config, images, 8, jax.devices()), one_device)
+    assert not np.allclose(on_eight_devices(images, 8), one_device)
     same_image = np.repeat(images[:1], BATCH, axis=0)
-    rows = augmented(config, same_image, 7, jax.devices())
+    rows = on_eight_devices(same_image, 7)
     assert not np.allclose(rows[0], rows[1])  # each row draws from its own key
     config.seed = 1
-    assert not np.allclose(augmented(config, images, 7, jax.devices()), one_device)
+    assert not np.allclose(augmenter(config, jax.devices())(images, 7), one_device)
 
 
 def test_train_step_preprocesses_uint8_on_device_before_mixup(monkeypatch):
     config = tiny_config()
     mesh = step.make_mesh(config.mesh, jax.devices()[:1])
     model = step.create_model(config.model, NUM_CLASSES)
-    state, _, train_step, schedule = step.init_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                                        num_classes=NUM_CLASSES, steps_per_epoch=10)
+    state, _, train_step, _ = step.prepare_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                                    num_classes=NUM_CLASSES)
+    schedule = step.replicated_schedule(config, mesh, steps_per_epoch=10)
     seen = []
     real = step.device_preprocess
 

@@ -15,8 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common, shunted_t  # noqa: E402
-from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run, subprocess_env,  # noqa: E402
-                               train_command, wait_for_line)
+from helpers.processes import (checkpoint_steps, fresh_cache, run_train, start_train, stop_mid_run,  # noqa: E402,F401
+                               subprocess_env, train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402
 
@@ -30,10 +30,10 @@ def saved_params(workdir, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_run(tmp_path_factory, fresh_cache):
     """An uninterrupted 12-step run, checkpointing every 4 steps, without TensorFlow."""
     workdir = tmp_path_factory.mktemp("straight")
-    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4",
+    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4", fresh_cache,
               without_tensorflow=True)
     return workdir
 
@@ -60,11 +60,10 @@ def test_tensorboard_summaries_do_not_import_pytorch(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_path):
-    # A cache of its own: the first process compiles the step afresh and keeps it whole, and the
-    # restart loads it from there (a step that JAX's cache served is not kept).
-    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4",
-             f"--config.compilation_cache_dir={tmp_path / 'cache'}")
+def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, fresh_cache, tmp_path):
+    # The module's cache: the first run of the step in it (the straight run, or this one) compiled
+    # the step afresh and kept it whole, and the restart loads it from there.
+    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4", fresh_cache)
     process = start_train(tmp_path / "run", *flags)
     wait_for_line(process, "step 9/12")
     process.send_signal(signal.SIGKILL)
@@ -77,8 +76,8 @@ def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_pa
         np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    saved_step, lines = stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step")
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, fresh_cache):
+    saved_step, lines = stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step", fresh_cache)
     assert f"stopped for preemption: trained steps 1-{saved_step} ({saved_step * 16:,} images)" in "".join(lines)
 
 

@@ -130,11 +130,14 @@ def test_ema_tracks_the_weights_and_is_what_eval_uses():
 def test_compiler_options_of_the_config_reach_xla(tmp_path):
     config = tiny_config(pvt=True)
     config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=(train|eval)_step"
-    mesh, model, (train_state, state_sharding, train_step, schedule) = build(config, jax.devices()[:1])
+    mesh = step.make_mesh(config.mesh, jax.devices()[:1])
+    model = step.create_model(config.model, NUM_CLASSES)
+    abstract_state, state_sharding, train_step, _ = step.prepare_training(config, model, mesh, image_size=IMAGE_SIZE,
+                                                                          num_classes=NUM_CLASSES)
     eval_step = evaluators.from_config(config, model, mesh, state_sharding, 10)[0].eval_step
     batch = {**step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
-    eval_step.lower(train_state, batch).compile()
-    train_step.lower(train_state, batch, schedule).compile()
+    eval_step.lower(abstract_state, batch).compile()
+    train_step.lower(abstract_state, batch, step.replicated_schedule(config, mesh, steps_per_epoch=10)).compile()
     dumped = {path.name.split(".")[1] for path in tmp_path.iterdir() if path.name.startswith("module_")}
     assert {"jit_train_step", "jit_eval_step"} <= dumped
 

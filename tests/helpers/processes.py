@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from conftest import JAX_CACHE, QUICK_COMPILE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -69,11 +70,11 @@ def checkpoint_steps(workdir) -> list:
 LONG_RUN = ("--config.num_train_steps=100000", "--config.checkpoint.every_steps=1000")
 
 
-def stop_mid_run(workdir, signum: int, said: str) -> tuple[int, list]:
+def stop_mid_run(workdir, signum: int, said: str, *flags) -> tuple[int, list]:
     """Starts a long run, sends it `signum` once step 3 is logged and waits for the line that says
     `said` and the step it saved; asserts the process ended cleanly. Returns that step and the
     lines of its log."""
-    process = start_train(workdir, *LONG_RUN)
+    process = start_train(workdir, *LONG_RUN, *flags)
     wait_for_line(process, "step 3/100000")
     process.send_signal(signum)
     lines = wait_for_line(process, said)
@@ -82,3 +83,12 @@ def stop_mid_run(workdir, signum: int, said: str) -> tuple[int, list]:
     saved_step = int(next(line for line in lines if said in line).split("saved step ")[1].split()[0])
     assert 3 <= saved_step < 100000 and checkpoint_steps(workdir) == [saved_step]
     return saved_step, lines
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory) -> str:
+    """A compilation cache of the test module's own, empty at first, as a flag of train.py: the
+    first run compiles its train step afresh and keeps it whole (a step that JAX's cache served is
+    not kept), and every later run of that step loads it. Module-scoped, so the module's tests that
+    use it run on one worker and share it."""
+    return f"--config.compilation_cache_dir={tmp_path_factory.mktemp('compilation_cache')}"
