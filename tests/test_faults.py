@@ -156,7 +156,7 @@ def test_when_no_checkpoint_restores_one_message_lists_them_all(trained, tmp_pat
 def test_a_checkpoint_of_another_model_stops_the_restore_and_is_not_set_aside(tmp_path):
     manager = checkpoint.make_checkpoint_manager(tmp_path, ml_collections.ConfigDict({"keep": 3, "asynchronous": False}))
     for step in (2, 4):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(3)}),
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"w": jnp.ones(3)}),
                                                    meta=ocp.args.JsonSave({"model": {"depth": 1}})))
     abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
     with pytest.raises(checkpoint.CheckpointMismatchError, match="another model .*depth: 1 != 2"):

@@ -104,11 +104,11 @@ def test_bfloat16_forward_and_backward_are_finite(name):
 
         return jax.value_and_grad(loss)(variables["params"])
 
-    value, grads = loss_and_grads(variables)
+    value, grads = jax.device_get(loss_and_grads(variables))  # checked in numpy: no program per leaf
     assert np.isfinite(value)
     leaves = jax.tree_util.tree_leaves(grads)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert any(bool(jnp.any(g != 0)) for g in leaves)
+    assert all(np.all(np.isfinite(g)) for g in leaves)
+    assert any(np.any(g != 0) for g in leaves)
 
 
 def test_too_small_input_says_the_minimum():

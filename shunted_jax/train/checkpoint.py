@@ -11,6 +11,7 @@ import pathlib
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -30,6 +31,24 @@ class CheckpointSaveError(RunError):
     """A save failed (full disk, read-only or vanished directory); the run stops at it."""
 
 
+# Orbax's replica-parallel save has each replica of a replicated array write a slice of it, and
+# each slice shape is a program compiled on first use (tens of ms on a CPU host, a few hundred for
+# a model's parameters and optimizer state). A slice smaller than this is written whole by one
+# replica instead: splitting it would cost more in compiling than it saves in writing.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The train state's handler: orbax's standard types, replica-parallel only for large slices
+    (orbax's choice of platform otherwise: on for CPUs and TPUs, off for GPUs)."""
+    scalars = ocp.type_handlers.ScalarHandler()
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (int, scalars), (float, scalars), (np.number, scalars))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def make_checkpoint_manager(directory, checkpoint_config, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the last `checkpoint_config.keep` checkpoints; the loop decides when to save.
 
@@ -39,7 +58,8 @@ def make_checkpoint_manager(directory, checkpoint_config, read_only: bool = Fals
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep, read_only=read_only,
         enable_async_checkpointing=checkpoint_config.asynchronous, create=not read_only)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"),
+                                 item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> int:
@@ -51,7 +71,7 @@ def save(manager: ocp.CheckpointManager, state, meta: dict) -> int:
     wait_for_saves(manager)
     step = int(jax.device_get(state.step))
     try:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as error:  # noqa: BLE001 - any failure of the storage stops the run the same way
         raise _save_failed(manager, step, error) from None
@@ -124,7 +144,9 @@ def load_state(manager: ocp.CheckpointManager, step: int | None = None, target=N
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         layout = manager.item_metadata(step)["state"]
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), layout)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=restore_args)))["state"]
 
 
 def load_meta(manager: ocp.CheckpointManager, step: int) -> dict:
