@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers.models import drawn_like
 from shunted_jax.train import step
 from test_train_step import IMAGE_SIZE, NUM_CLASSES, tiny_config
 
@@ -30,14 +31,6 @@ def prepare(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
     return config, mesh, model, abstract_state, sharding, train_step
 
 
-def drawn_weights(abstract_state) -> tuple:
-    """(params, batch_stats) in the state's shapes and dtypes, drawn with numpy: no initialisation
-    to compile."""
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: (rng.normal(0, 0.05, s.shape) + 1.0 * (len(s.shape) < 2)).astype(s.dtype),
-                        (abstract_state.params, abstract_state.batch_stats))
-
-
 def loss_and_grads(mesh, model, weights, sharding, images, targets):
     """The train step's loss, gradients and BatchNorm statistics for `weights` (params, batch_stats),
     jitted on `mesh` as the step is."""
@@ -56,7 +49,8 @@ def test_a_step_on_a_data_fsdp_mesh_equals_one_device_in_float64():
         runs, weights = {}, None
         for name, devices, mesh_shape in (("mesh", jax.devices(), (4, 2)), ("one", jax.devices()[:1], (1, 1))):
             _, mesh, model, abstract_state, sharding, _ = prepare(PALLAS, devices, mesh_shape, "float64")
-            weights = drawn_weights(abstract_state) if weights is None else weights  # the same for both
+            weights = (drawn_like((abstract_state.params, abstract_state.batch_stats)) if weights is None
+                       else weights)  # the same for both
             images = jax.random.normal(jax.random.key(0), (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float64)
             targets = jax.nn.one_hot(jnp.arange(BATCH) % NUM_CLASSES, NUM_CLASSES, dtype=jnp.float64)
             runs[name] = jax.device_get(loss_and_grads(mesh, model, weights, sharding, images, targets))

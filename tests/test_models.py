@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.models import FIXTURES, fixture_model_and_variables
+from helpers.models import FIXTURES, drawn_like, fixture_model_and_variables
 
 from shunted_jax import models
 from shunted_jax.models.attention import MultiScaleTokenAggregator
@@ -78,11 +78,8 @@ def test_multiply_adds_split_like_torch_counter():
 
 
 def random_variables(model, images):
-    """Variables of the right shapes drawn with numpy: no init to compile (compiling dominates on CPU)."""
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape) + 1.0 * (len(s.shape) < 2), s.dtype),
-                                  shapes)
+    """Variables of the model's shapes for `images`, drawn with numpy."""
+    return drawn_like(jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images)))
 
 
 # One model per attention design (SSA, SRA, linear SRA): the larger variants run the same code at

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configs import common, shunted_t  # noqa: E402
-from helpers.processes import (checkpoint_steps, fresh_cache, run_train, start_train, stop_mid_run,  # noqa: E402,F401
+from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run,  # noqa: E402
                                subprocess_env, train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402

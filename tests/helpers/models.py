@@ -7,6 +7,13 @@ from conftest import DATA_DIR
 from shunted_jax import models
 from shunted_jax.convert import torch_to_flax
 
+def drawn_like(shapes):
+    """Arrays of `shapes` (a tree of ShapeDtypeStructs) drawn with numpy, weights about 0.05 and
+    vectors about 1 (scales, norms): no initialisation to compile (compiling dominates on CPU)."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: (rng.normal(0, 0.05, s.shape) + 1.0 * (len(s.shape) < 2)).astype(s.dtype), shapes)
+
+
 TINY_SHUNTED = dict(embed_dims=(64, 64, 128, 128), num_heads=(2, 2, 4, 4), mlp_ratios=(2, 2, 2, 2),
                     depths=(1, 1, 2, 1), num_conv=1)
 TINY_PVT = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 2, 1))
