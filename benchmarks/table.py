@@ -95,15 +95,17 @@ def run_all(args) -> None:
 
 
 def read_results(path: str) -> dict:
-    """{(framework, model, the torch.compile mode or None (torch), "cold"/"cached" (ours)): result};
-    the last line of each kind wins."""
+    """{(framework, model, the torch.compile mode or None (torch), "cold"/"cached" (ours)): result}.
+    Lines of one kind merge, so that training and inference may run as separate processes (a
+    timeout then loses one part, not both); the last line with a part wins it."""
     results = {}
     for line in pathlib.Path(path).read_text().splitlines():
         r = json.loads(line)
         if "framework" not in r:  # a line a benchmark wrote by itself, outside a table run
             continue
         kind = r.get("compile") if r["framework"] == "torch" else ("cached" if r.get("cached") else "cold")
-        results[(r["framework"], r["model"], kind)] = r
+        key = (r["framework"], r["model"], kind)
+        results[key] = {**results.get(key, {}), **r}
     return results
 
 
