@@ -1,6 +1,7 @@
-"""The Pallas kernels on a mesh of devices: each device runs them on its share of the batch, so a
-train step over a (4, 2) data x FSDP mesh computes what one device computes, and its compiled
-program gathers no activations around them. Pallas' interpreter runs the kernels on the CPU."""
+"""The Pallas kernels on a mesh of devices: each device runs them on its share of the batch, so the
+train step's loss and gradients over a (4, 2) data x FSDP mesh are what one device computes, and
+the compiled program gathers no activations around them. Pallas' interpreter runs the kernels on
+the CPU."""
 import collections
 import re
 
@@ -16,80 +17,86 @@ from test_train_step import IMAGE_SIZE, NUM_CLASSES, tiny_config
 PALLAS = "attention=pallas,depthwise=pallas,norm=pallas"
 # 64 channels and 2 heads a stage: every SSA group has 32 channels, a depthwise kernel's block.
 MODEL = {"embed_dims": (64, 64, 64, 64), "num_heads": (2, 2, 2, 2), "drop_path_rate": 0.0}
-BATCH = 16
+MESH = (4, 2)
+# Images a device on MESH: no weight of the tiny model has a dimension that is a multiple of 5, so a
+# gathered array with one is batch-sized, an activation.
+PER_DEVICE = 5
+BATCH = PER_DEVICE * MESH[0] * MESH[1]
 
 
-def prepare(kernels: str, devices, mesh_shape, dtype: str, batch: int = BATCH):
-    """(config, mesh, model, abstract state, state sharding, train step) as the loop builds them."""
-    config = tiny_config(kernels=kernels, dtype=dtype, param_dtype=dtype, **MODEL)
-    config.global_batch_size = batch
-    config.mesh.update({"data": mesh_shape[0], "fsdp": mesh_shape[1]})
-    mesh = step.make_mesh(config.mesh, devices)
-    model = step.create_model(config.model, NUM_CLASSES)
-    abstract_state, sharding, train_step, _ = step.prepare_training(
-        config, model, mesh, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
-    return config, mesh, model, abstract_state, sharding, train_step
+def compile_loss_and_grads(kernels: str, mesh_shape) -> dict:
+    """The train step's loss, gradients and BatchNorm statistics (`step._loss_and_grads`) in
+    float64 on a mesh of `mesh_shape` (the first devices), jitted and sharded as the step is, then
+    compiled: {"compiled", "weights" (abstract), "weights_sharding", "batch_sharding"}."""
+    with jax.enable_x64(True):
+        config = tiny_config(kernels=kernels, dtype="float64", param_dtype="float64", **MODEL)
+        config.global_batch_size = BATCH
+        config.mesh.update({"data": mesh_shape[0], "fsdp": mesh_shape[1]})
+        mesh = step.make_mesh(config.mesh, jax.devices()[:mesh_shape[0] * mesh_shape[1]])
+        model = step.create_model(config.model, NUM_CLASSES)
+        abstract_state, sharding, _, _ = step.prepare_training(
+            config, model, mesh, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+
+        def compute(weights, images, targets):
+            return step._loss_and_grads(model, *weights, images, targets, jax.random.key(1))
+
+        batch, weights_sharding = step.batch_sharding(mesh), (sharding.params, sharding.batch_stats)
+        weights = (abstract_state.params, abstract_state.batch_stats)
+        jitted = jax.jit(step.on_mesh(compute, mesh), in_shardings=(weights_sharding, batch, batch))
+        compiled = jitted.lower(weights, jax.ShapeDtypeStruct((BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float64),
+                                jax.ShapeDtypeStruct((BATCH, NUM_CLASSES), jnp.float64)).compile()
+    return {"compiled": compiled, "weights": weights, "weights_sharding": weights_sharding, "batch_sharding": batch}
 
 
-def loss_and_grads(mesh, model, weights, sharding, images, targets):
-    """The train step's loss, gradients and BatchNorm statistics for `weights` (params, batch_stats),
-    jitted on `mesh` as the step is."""
-    def compute(weights, images, targets):
-        return step._loss_and_grads(model, *weights, images, targets, jax.random.key(1))
-    batch = step.batch_sharding(mesh)
-    weights_sharding = (sharding.params, sharding.batch_stats)
-    return jax.jit(step.on_mesh(compute, mesh), in_shardings=(weights_sharding, batch, batch))(
-        jax.device_put(weights, weights_sharding), images, targets)
+@pytest.fixture(scope="module")
+def pallas_on_the_mesh() -> dict:
+    """The kernels' program on the (4, 2) data x FSDP mesh, compiled once for both tests."""
+    return compile_loss_and_grads(PALLAS, MESH)
 
 
-def test_a_step_on_a_data_fsdp_mesh_equals_one_device_in_float64():
+def run(program: dict, weights, images, targets):
+    with jax.enable_x64(True):
+        placed = (jax.device_put(weights, program["weights_sharding"]),
+                  *jax.device_put((images, targets), program["batch_sharding"]))
+        return jax.device_get(program["compiled"](*placed))
+
+
+def test_a_step_on_a_data_fsdp_mesh_equals_one_device_in_float64(pallas_on_the_mesh):
     """Loss, gradients and BatchNorm statistics agree to float64 round-off, relative to each
     array's largest entry (some gradients, such as the keys' biases', are zero but for round-off)."""
-    with jax.enable_x64(True):
-        runs, weights = {}, None
-        for name, devices, mesh_shape in (("mesh", jax.devices(), (4, 2)), ("one", jax.devices()[:1], (1, 1))):
-            _, mesh, model, abstract_state, sharding, _ = prepare(PALLAS, devices, mesh_shape, "float64")
-            weights = (drawn_like((abstract_state.params, abstract_state.batch_stats)) if weights is None
-                       else weights)  # the same for both
-            images = jax.random.normal(jax.random.key(0), (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float64)
-            targets = jax.nn.one_hot(jnp.arange(BATCH) % NUM_CLASSES, NUM_CLASSES, dtype=jnp.float64)
-            runs[name] = jax.device_get(loss_and_grads(mesh, model, weights, sharding, images, targets))
-    initial_stats = weights[1]
-    loss, stats, grads = runs["mesh"]
-    want_loss, want_stats, want_grads = runs["one"]
+    weights = drawn_like(pallas_on_the_mesh["weights"])
+    images = np.random.default_rng(0).normal(size=(BATCH, IMAGE_SIZE, IMAGE_SIZE, 3))
+    targets = np.eye(NUM_CLASSES)[np.arange(BATCH) % NUM_CLASSES]
+    loss, stats, grads = run(pallas_on_the_mesh, weights, images, targets)
+    want_loss, want_stats, want_grads = run(compile_loss_and_grads(PALLAS, (1, 1)), weights, images, targets)
     assert loss.dtype == np.float64 and loss == pytest.approx(want_loss, rel=1e-13)
     leaves = jax.tree_util.tree_leaves_with_path((grads, stats))
     assert len(leaves) == len(jax.tree.leaves((want_grads, want_stats)))
     for (path, got), want in zip(leaves, jax.tree.leaves((want_grads, want_stats))):
         assert np.max(np.abs(got - want)) <= 1e-12 * np.max(np.abs(want)), jax.tree_util.keystr(path)
     # the statistics moved: the comparison is not of two initial states
-    assert not np.allclose(jax.tree.leaves(stats)[0], jax.tree.leaves(initial_stats)[0])
+    assert not np.allclose(jax.tree.leaves(stats)[0], jax.tree.leaves(weights[1])[0])
 
 
-def gathers(kernels: str, per_device: int) -> collections.Counter:
-    """The all-gathers and all-to-alls of the compiled float32 train step on the (4, 2) mesh, with
-    `per_device` images a device: (kind, "any") counts them all, (kind, shape) those whose
-    result's leading dimension is a multiple of `per_device` (of the batch's size: no weight of
-    the tiny model has such a dimension when `per_device` is 5)."""
-    config, mesh, _, abstract_state, _, train_step = prepare(kernels, jax.devices(), (4, 2), "float32",
-                                                                8 * per_device)
-    inputs = (step.synthetic_batch(mesh, 8 * per_device, IMAGE_SIZE, NUM_CLASSES),
-              step.replicated_schedule(config, mesh, steps_per_epoch=10))
-    text = train_step.lower(abstract_state, *inputs).compile().as_text()  # lowering needs no initial state
-    found = collections.Counter()
+def gathers(program: dict) -> tuple[collections.Counter, collections.Counter]:
+    """The all-gathers and all-to-alls of a compiled program on MESH: (their count by kind, the
+    (kind, shape) of those whose result's leading dimension is a multiple of PER_DEVICE)."""
+    every, batch_sized = collections.Counter(), collections.Counter()
+    text = program["compiled"].as_text()
     for shape, leading, kind in re.findall(r"= (\w+\[(\d+)[\d,]*\])\S* (all-gather|all-to-all)(?:-start)?\(", text):
-        found[kind, "any"] += 1
-        if int(leading) % per_device == 0:
-            found[kind, shape] += 1
-    return found
+        every[kind] += 1
+        if int(leading) % PER_DEVICE == 0:
+            batch_sized[kind, shape] += 1
+    return every, batch_sized
 
 
-def test_the_sharded_kernels_gather_no_activations():
-    """The step with the Pallas kernels has no more all-gathers and all-to-alls than the step
-    with XLA's formulas, and gathers no batch-sized array that the XLA step does not (XLA's own
-    choices for some matmuls). Unsharded, the kernels' inputs were gathered whole (all 40 images
-    of f32[40,8,8,64]), which the XLA step never does."""
-    pallas, xla = gathers(PALLAS, 5), gathers("exact", 5)
-    assert 0 < pallas["all-gather", "any"] <= xla["all-gather", "any"]  # FSDP gathers the weights
-    assert pallas["all-to-all", "any"] <= xla["all-to-all", "any"]
-    assert not pallas - xla, pallas - xla
+def test_the_sharded_kernels_gather_no_activations(pallas_on_the_mesh):
+    """The kernels' program gathers weights (FSDP), no batch-sized array that the program with
+    XLA's formulas does not (XLA's own choices for some matmuls), and has no more all-to-alls.
+    Unsharded, the kernels' inputs were gathered whole (all 40 images of a [40,8,8,64] map), which
+    XLA's program never does."""
+    (pallas, pallas_batch_sized), (xla, xla_batch_sized) = (
+        gathers(pallas_on_the_mesh), gathers(compile_loss_and_grads("exact", MESH)))
+    assert pallas["all-gather"] > 0
+    assert pallas["all-to-all"] <= xla["all-to-all"]
+    assert not pallas_batch_sized - xla_batch_sized, pallas_batch_sized - xla_batch_sized

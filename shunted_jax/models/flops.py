@@ -57,8 +57,16 @@ def _walk(jaxpr, multiplier, totals):
             _walk(sub, inner, totals)
 
 
-def count_macs(model, image_hw=(224, 224)) -> Dict[str, Dict[str, int]]:
-    """MACs per image of `model`'s inference forward at `image_hw`.
+def abstract_variables(model, image_hw=(224, 224)):
+    """The shapes and dtypes of `model`'s variables for one image of `image_hw`, computed by
+    tracing alone."""
+    images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
+
+
+def count_macs(model, image_hw=(224, 224), variables=None) -> Dict[str, Dict[str, int]]:
+    """MACs per image of `model`'s inference forward at `image_hw`; `variables` (abstract or not),
+    where the caller has them, saves tracing the initialisation again.
 
     Returns {"total": {"conv", "linear", "attention", "all"}, "stage1": {...}, ..., "head": {...}}.
     """
@@ -69,7 +77,7 @@ def count_macs(model, image_hw=(224, 224)) -> Dict[str, Dict[str, int]]:
         exact["stem_space_to_depth"] = False
     model = model.clone(**exact)
     images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
+    variables = abstract_variables(model, image_hw) if variables is None else variables
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images)
     totals = defaultdict(int)
     _walk(jaxpr.jaxpr, 1, totals)

@@ -7,11 +7,10 @@ import re
 from typing import Dict, List
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from shunted_jax import models
-from shunted_jax.models.flops import count_macs
+from shunted_jax.models.flops import abstract_variables, count_macs
 
 # (params in millions, GMACs at 224x224) as published: the Shunted paper / README and the PVT
 # README (whose "GFLOPs" are multiply-adds).
@@ -43,10 +42,9 @@ def params_per_part(params) -> Dict[str, int]:
 
 def summarize(model, image_hw=(224, 224)) -> List[dict]:
     """One row per stage, the head and the total: params and MACs split by kind."""
-    size = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
-    params = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), size)["params"]
-    counts = params_per_part(params)
-    macs = count_macs(model, image_hw)
+    variables = abstract_variables(model, image_hw)
+    counts = params_per_part(variables["params"])
+    macs = count_macs(model, image_hw, variables)
     stages = [f"stage{i}" for i in range(1, 5) if f"stage{i}" in counts]
     parts = stages + sorted(set(counts) - set(stages))  # the head, and e.g. a ViT's position embedding
     rows = [dict(part=p, params=counts.get(p, 0), **macs.get(p, dict(conv=0, linear=0, attention=0, all=0)))

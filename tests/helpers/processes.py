@@ -10,8 +10,7 @@ from conftest import JAX_CACHE, QUICK_COMPILE_FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # The demo model on synthetic data, 16 examples a step: small enough to compile and run in seconds.
-# An empty compilation_cache_dir leaves the cache to $JAX_COMPILATION_CACHE_DIR (subprocess_env).
-SMALL_RUN = ["--config.compilation_cache_dir=", "--config.data.name=synthetic", "--config.data.num_classes=10",
+SMALL_RUN = ["--config.data.name=synthetic", "--config.data.num_classes=10",
              "--config.data.num_train_examples=256", "--config.data.num_eval_examples=40",
              "--config.global_batch_size=16", "--config.eval_batch_size=16",
              "--config.log_every_steps=1", "--config.mixup.mixup_alpha=0.8", "--config.mixup.cutmix_alpha=1.0",
@@ -22,21 +21,20 @@ WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = sys.module
                       "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def subprocess_env(num_devices: int, compilation_cache: bool = True) -> dict:
-    """Each subprocess sees `num_devices` CPU devices and compiles as the tests do, sharing their
-    compilation cache."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {QUICK_COMPILE_FLAGS}"}
-    if compilation_cache:
-        env.update({"JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"})
-    return env
+def subprocess_env(num_devices: int) -> dict:
+    """Each subprocess sees `num_devices` CPU devices and compiles as the tests do."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {QUICK_COMPILE_FLAGS}"}
 
 
-def train_command(workdir, *flags, without_tensorflow=False) -> list:
+def train_command(workdir, *flags, without_tensorflow=False, compilation_cache=True) -> list:
+    """train.py on SMALL_RUN and `flags`. With `compilation_cache`, its cache is the tests' own:
+    the first run of a train step anywhere in the suite compiles it and keeps it whole there (as
+    train.py keeps a step beside its cache), and every later run of that step loads it."""
     python = [sys.executable, "-c", WITHOUT_TENSORFLOW] if without_tensorflow else [sys.executable]
     return [*python, str(REPO / "train.py"), f"--config={REPO / 'configs/shunted_t.py'}:demo",
-            f"--workdir={workdir}", *SMALL_RUN, *flags]
+            f"--workdir={workdir}", f"--config.compilation_cache_dir={JAX_CACHE if compilation_cache else ''}",
+            *SMALL_RUN, *flags]
 
 
 def run_train(workdir, *flags, num_devices=2, without_tensorflow=False, check=True) -> subprocess.CompletedProcess:
@@ -49,8 +47,9 @@ def run_train(workdir, *flags, num_devices=2, without_tensorflow=False, check=Tr
 
 
 def start_train(workdir, *flags, num_devices=2, compilation_cache=True) -> subprocess.Popen:
-    return subprocess.Popen(train_command(workdir, *flags), env=subprocess_env(num_devices, compilation_cache),
-                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(train_command(workdir, *flags, compilation_cache=compilation_cache),
+                            env=subprocess_env(num_devices), cwd=REPO, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> list:
@@ -88,7 +87,8 @@ def stop_mid_run(workdir, signum: int, said: str, *flags) -> tuple[int, list]:
 @pytest.fixture(scope="module")
 def fresh_cache(tmp_path_factory) -> str:
     """A compilation cache of the test module's own, empty at first, as a flag of train.py: the
-    first run compiles its train step afresh and keeps it whole (a step that JAX's cache served is
-    not kept), and every later run of that step loads it. Module-scoped, so the module's tests that
-    use it run on one worker and share it."""
+    first run compiles its train step afresh and keeps it whole (on the CPU a step that JAX's
+    cache served is not kept, which a cache left by an earlier session of the tests may do), and
+    every later run of that step loads it. Module-scoped, so the module's tests that use it run on
+    one worker and share it."""
     return f"--config.compilation_cache_dir={tmp_path_factory.mktemp('compilation_cache')}"
