@@ -1,4 +1,5 @@
 """train.py end to end on synthetic data: resume after SIGKILL, SIGTERM, eval mode, two processes, errors."""
+import gc
 import json
 import pathlib
 import re
@@ -18,7 +19,7 @@ from configs import common, shunted_t  # noqa: E402
 from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run,  # noqa: E402
                                subprocess_env, train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
-from shunted_jax.train import checkpoint, loop, metrics, workdirs  # noqa: E402
+from shunted_jax.train import checkpoint, loop, metrics, step, workdirs  # noqa: E402
 
 
 def saved_params(workdir, step: int) -> dict:
@@ -257,6 +258,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(loop.NonFiniteLossError, match="at step 3"):
         loop.train_and_evaluate(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [2]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt
+def test_a_ctrl_c_that_a_garbage_collection_callback_swallowed_still_stops_the_setup(tmp_path, monkeypatch):
+    """Python may run the Ctrl-C handler inside a garbage-collection callback (JAX registers one),
+    which reports the KeyboardInterrupt as ignored and goes on; the run stops all the same, before
+    its first step."""
+    interrupts = []
+
+    def interrupt_once(phase, info):
+        if not interrupts:
+            interrupts.append(phase)
+            signal.raise_signal(signal.SIGINT)
+
+    real_create_model = step.create_model
+
+    def create_model_during_a_collection(*args, **kwargs):
+        gc.callbacks.append(interrupt_once)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(interrupt_once)
+        return real_create_model(*args, **kwargs)
+
+    monkeypatch.setattr(step, "create_model", create_model_during_a_collection)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(small_config(), tmp_path)
+    assert interrupts and checkpoint_steps(tmp_path) == []
+    records = tmp_path / "metrics.jsonl"
+    assert not records.exists() or not [r for r in metrics.read_metrics(records) if r["kind"] == "train"]
 
 
 def test_train_batches_reach_the_step_through_the_device_prefetch(tmp_path, monkeypatch):

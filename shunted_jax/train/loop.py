@@ -42,23 +42,30 @@ def check_evaluation_splits(config) -> None:
             raise ConfigError(f"config.evals.{name}: {error}") from error
 
 
-class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM, and a first Ctrl-C (SIGINT), into a request to save and stop at the next step
-    boundary; a second Ctrl-C stops at once (KeyboardInterrupt), without saving.
+class StopRequests(contextlib.AbstractContextManager):
+    """Ctrl-C (SIGINT) and SIGTERM over a run.
 
-    With several processes all must stop at the same step, so JAX's preemption sync point decides
-    instead; its coordination service catches SIGTERM itself, so no Python handler is installed.
+    While the run sets up, Ctrl-C stops it (KeyboardInterrupt): there is nothing new to save.
+    Python may run a signal handler inside a garbage-collection callback (JAX registers one), which
+    swallows the exception it raises, so the request is also kept and `check()` raises it at the
+    next stage of the setup. Once training has begun (`start_training`), SIGTERM and a first Ctrl-C
+    ask to save and stop at the next step boundary (`requested`); a second Ctrl-C stops at once,
+    without saving.
+
+    With several processes all must stop at the same step, so from the first step JAX's preemption
+    sync point decides instead; its coordination service catches SIGTERM itself, and Ctrl-C is
+    Python's again.
     """
     REASONS = {signal.SIGTERM: "preemption requested", signal.SIGINT: "interrupted (Ctrl-C)"}
 
     def __init__(self):
         self.reason = None
         self._interrupted = False
+        self._training = False
         self._previous = {}
 
     def __enter__(self):
-        if jax.process_count() == 1:
-            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.REASONS}
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
         return self
 
     def __exit__(self, *exc_info):
@@ -68,12 +75,27 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT:
-            if self._interrupted:
+            if self._interrupted or not self._training:
+                self._interrupted = True
                 raise KeyboardInterrupt
             self._interrupted = True
             logging.warning("Ctrl-C: stopping once this step is done and saved; Ctrl-C again stops at once, "
                             "without saving")
         self.reason = self.reason or self.REASONS[signum]
+
+    def check(self) -> None:
+        """Raises KeyboardInterrupt for a Ctrl-C of the setup that a callback swallowed."""
+        if self._interrupted and not self._training:
+            raise KeyboardInterrupt
+
+    def start_training(self) -> None:
+        """From here on a first Ctrl-C, and SIGTERM, save and stop at the next step boundary."""
+        self.check()
+        if jax.process_count() == 1:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        else:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        self._training = True
 
     def requested(self, step_number: int) -> bool:
         if jax.process_count() > 1:
@@ -106,14 +128,15 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
     at run time, as in a notebook: callers that change code so leave it off.
     """
     run_start = time.perf_counter()
-    config_check.check(config)
-    initialize_distributed(config.distributed)
-    compilation_cache.enable(config.compilation_cache_dir)
-    if eval_only:
-        workdir = workdirs.prepare_for_reading(workdir)
-    else:
-        workdir = workdirs.prepare_for_training(workdir)
     with contextlib.ExitStack() as cleanup:
+        stop = cleanup.enter_context(StopRequests())
+        config_check.check(config)
+        initialize_distributed(config.distributed)
+        compilation_cache.enable(config.compilation_cache_dir)
+        if eval_only:
+            workdir = workdirs.prepare_for_reading(workdir)
+        else:
+            workdir = workdirs.prepare_for_training(workdir)
         changes = {}
         if not eval_only:
             cleanup.enter_context(workdirs.hold(workdir))
@@ -149,6 +172,7 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
                 train_state = finetune.load_pretrained(train_state, state_sharding, config.init_from)
                 logging.info("initialised from %s", config.init_from)
         start = int(jax.device_get(train_state.step))
+        stop.check()
 
         writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0
                                        and (not eval_only or workdirs.can_record(workdir)))
@@ -175,48 +199,48 @@ def train_and_evaluate(config, workdir, eval_only: bool = False, keep_compiled_s
         log_every = config.log_every_steps
         pending, results, saving = [], {}, None
         train_start, first_step_done, eval_seconds = time.perf_counter(), None, 0.0
-        with PreemptionWatcher() as preemption:
-            what = console.describe_step("train step", config, info.image_size, mesh)
-            if keep_compiled_step:
-                shapes = data.train_batch_spec(config.data, config.global_batch_size)
-                batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=step.batch_sharding(mesh))
-                              for name, (shape, dtype) in shapes.items()}
-                train_step = compilation_cache.compiled_step(
-                    train_step, (train_state, batch_spec, schedule), name="train_step",
-                    config=step.program_config(config),
-                    context={"num_classes": info.num_classes, "image_size": info.image_size}, what=what)
-            else:
-                train_step = compilation_cache.announce_first_call(train_step, what)
-            last_time, last_step = time.perf_counter(), start
-            for step_number in range(start + 1, total_steps + 1):
-                train_state, step_metrics = train_step(train_state, next(batches), schedule)
-                first_step_done = first_step_done or time.perf_counter()
-                saving = checkpoint.check_save(manager, saving)
-                pending.append((step_number, step_metrics))
-                preempted = preemption.requested(step_number)
-                last = step_number == total_steps
-                save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
-                if save_now or step_number % log_every == 0:
-                    means = read_checked(pending)
-                    pending = []
-                    now = time.perf_counter()
-                    seconds_per_step = (now - last_time) / (step_number - last_step)
-                    images_per_second = config.global_batch_size / seconds_per_step
-                    last_time, last_step = now, step_number
-                    writer.write(evaluators.TRAIN_KIND, step_number,
-                                 {**means, "images_per_second": images_per_second,
-                                  "epoch": step_number / steps_per_epoch})
-                    logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
-                                                       images_per_second, seconds_per_step))
-                if save_now:
-                    saving = checkpoint.save(manager, train_state, resume.checkpoint_meta(model_meta, position.advanced(
-                        step_number - start, steps_per_epoch, config.global_batch_size)))
-                if preempted:
-                    logging.info("%s: saved step %d and stopping", preemption.reason, step_number)
-                    break
-                eval_start = time.perf_counter()
-                results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
-                eval_seconds += time.perf_counter() - eval_start
+        what = console.describe_step("train step", config, info.image_size, mesh)
+        if keep_compiled_step:
+            shapes = data.train_batch_spec(config.data, config.global_batch_size)
+            batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=step.batch_sharding(mesh))
+                          for name, (shape, dtype) in shapes.items()}
+            train_step = compilation_cache.compiled_step(
+                train_step, (train_state, batch_spec, schedule), name="train_step",
+                config=step.program_config(config),
+                context={"num_classes": info.num_classes, "image_size": info.image_size}, what=what)
+        else:
+            train_step = compilation_cache.announce_first_call(train_step, what)
+        stop.start_training()
+        last_time, last_step = time.perf_counter(), start
+        for step_number in range(start + 1, total_steps + 1):
+            train_state, step_metrics = train_step(train_state, next(batches), schedule)
+            first_step_done = first_step_done or time.perf_counter()
+            saving = checkpoint.check_save(manager, saving)
+            pending.append((step_number, step_metrics))
+            preempted = stop.requested(step_number)
+            last = step_number == total_steps
+            save_now = preempted or last or step_number % config.checkpoint.every_steps == 0
+            if save_now or step_number % log_every == 0:
+                means = read_checked(pending)
+                pending = []
+                now = time.perf_counter()
+                seconds_per_step = (now - last_time) / (step_number - last_step)
+                images_per_second = config.global_batch_size / seconds_per_step
+                last_time, last_step = now, step_number
+                writer.write(evaluators.TRAIN_KIND, step_number,
+                             {**means, "images_per_second": images_per_second,
+                              "epoch": step_number / steps_per_epoch})
+                logging.info(metrics.progress_line(step_number, total_steps, steps_per_epoch, means,
+                                                   images_per_second, seconds_per_step))
+            if save_now:
+                saving = checkpoint.save(manager, train_state, resume.checkpoint_meta(model_meta, position.advanced(
+                    step_number - start, steps_per_epoch, config.global_batch_size)))
+            if preempted:
+                logging.info("%s: saved step %d and stopping", stop.reason, step_number)
+                break
+            eval_start = time.perf_counter()
+            results.update(evaluators.run_all(evals, train_state, writer, step_number, total_steps))
+            eval_seconds += time.perf_counter() - eval_start
         checkpoint.wait_for_saves(manager)
         now = time.perf_counter()
         console.log_run_summary(workdir, start, step_number, config.global_batch_size,
