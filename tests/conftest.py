@@ -22,9 +22,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
-# Fixtures shared by several test modules.
-pytest_plugins = ["helpers.processes"]
-
 # The tests (and groups, see work_unit) that take minutes on 2 CPU cores, longest first, from
 # `pytest --durations` of the whole suite; a test takes the rank of the first prefix it starts with.
 # With `--dist loadgroup` a worker takes the next unit when it is free, so these go first and the

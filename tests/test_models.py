@@ -82,11 +82,16 @@ def random_variables(model, images):
     return drawn_like(jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images)))
 
 
-# One model per attention design (SSA, SRA, linear SRA): the larger variants run the same code at
-# other widths and depths, and each full-size model costs about a minute of compiling on CPU.
+# One model per attention design (SSA, SRA, linear SRA), narrow and shallow: every width and depth
+# runs the same code (a stage of two blocks: the stacked blocks' scan), and a full-size model costs
+# about a minute of compiling on CPU.
+NARROW_MODEL = {"embed_dims": (16, 32, 32, 64), "depths": (1, 2, 1, 1), "num_heads": (2, 2, 2, 2),
+                "mlp_ratios": (2, 2, 2, 2)}
+
+
 @pytest.mark.parametrize("name", ["shunted_t", "pvt_v2_b0", "pvt_v2_b2_li"])
 def test_bfloat16_forward_and_backward_are_finite(name):
-    model = models.create(name, num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1)
+    model = models.create(name, num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1, **NARROW_MODEL)
     size = model.min_input_size() if model.attention != "linear_sra" else 32
     images = jax.random.normal(jax.random.key(0), (2, size, size + 3, 3))
     variables = random_variables(model, images)

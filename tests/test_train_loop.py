@@ -31,11 +31,10 @@ def saved_params(workdir, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, fresh_cache):
+def straight_run(tmp_path_factory):
     """An uninterrupted 12-step run, checkpointing every 4 steps, without TensorFlow."""
     workdir = tmp_path_factory.mktemp("straight")
-    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4", fresh_cache,
-              without_tensorflow=True)
+    run_train(workdir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=4", without_tensorflow=True)
     return workdir
 
 
@@ -61,24 +60,25 @@ def test_tensorboard_summaries_do_not_import_pytorch(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, fresh_cache, tmp_path):
-    # The module's cache: the first run of the step in it (the straight run, or this one) compiled
-    # the step afresh and kept it whole, and the restart loads it from there.
-    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4", fresh_cache)
+def test_sigkill_then_restart_ends_with_the_same_parameters(straight_run, tmp_path):
+    flags = ("--config.num_train_steps=12", "--config.checkpoint.every_steps=4")
     process = start_train(tmp_path / "run", *flags)
     wait_for_line(process, "step 9/12")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert max(checkpoint_steps(tmp_path / "run")) < 12
     resumed = run_train(tmp_path / "run", *flags)
-    assert "resumed from" in resumed.stderr and "loaded the compiled train_step" in resumed.stderr
+    # The restart compiles nothing: it loads the step kept whole or, where JAX's cache served the
+    # step to the run that would have kept it, JAX's cached program.
+    assert "resumed from" in resumed.stderr
+    assert re.search(r"loaded the (compiled train_step|train step)", resumed.stderr), resumed.stderr[-2000:]
     want, got = saved_params(straight_run, 12), saved_params(tmp_path / "run", 12)
     for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, fresh_cache):
-    saved_step, lines = stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step", fresh_cache)
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    saved_step, lines = stop_mid_run(tmp_path, signal.SIGTERM, "preemption requested: saved step")
     assert f"stopped for preemption: trained steps 1-{saved_step} ({saved_step * 16:,} images)" in "".join(lines)
 
 

@@ -51,6 +51,10 @@ def train(built, num_steps):
     return train_state, losses
 
 
+def head_kernel(train_state) -> np.ndarray:
+    return np.asarray(train_state.params["head"]["kernel"])
+
+
 @pytest.fixture(scope="module")
 def runs():
     """Three steps of tiny Shunted-T on a (4, 2) data x FSDP mesh of 8 devices and on 1 device."""
@@ -100,45 +104,56 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
     manager.close()
 
 
-def test_accumulated_micro_batches_equal_one_large_batch():
-    """PVTv2 has no BatchNorm; without drop path the two must agree to float32 rounding."""
-    final = {}
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """Tiny PVTv2-B0 (no BatchNorm) without drop path on 2 devices, with an EMA of decay 0.5,
+    trained for 2 steps in 1 and in 4 micro-batches: {micro-batches: (heads, state, losses)}, heads
+    being the head's kernel before and after each step. The one-batch run is compiled with XLA's
+    dumps on, into "dumps", and is kept built under "built"."""
+    results = {"dumps": tmp_path_factory.mktemp("dumps")}
     for micro_batches in (1, 4):
         config = tiny_config(pvt=True, drop_path_rate=0.0)
-        config.accumulation_steps = micro_batches
-        final[micro_batches] = train(build(config, jax.devices()[:2]), 2)
-    (state_1, losses_1), (state_4, losses_4) = final[1], final[4]
+        config.update({"accumulation_steps": micro_batches, "ema_decay": 0.5})
+        if micro_batches == 1:
+            config.compiler_options = f"--xla_dump_to={results['dumps']} xla_dump_hlo_module_re=(train|eval)_step"
+        mesh, model, (train_state, sharding, train_step, schedule) = built = build(config, jax.devices()[:2])
+        batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
+        heads, losses = [head_kernel(train_state)], []
+        for _ in range(2):
+            train_state, metrics = train_step(train_state, batch, schedule)
+            heads.append(head_kernel(train_state))
+            losses.append(float(metrics["loss"]))
+        results[micro_batches] = (heads, train_state, losses)
+        if micro_batches == 1:
+            results["built"] = (config, built)
+    return results
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(accumulated):
+    """PVTv2 has no BatchNorm; without drop path the two must agree to float32 rounding."""
+    (_, state_1, losses_1), (_, state_4, losses_4) = accumulated[1], accumulated[4]
     assert not state_1.batch_stats
     np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(state_4.params), jax.tree.leaves(state_1.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
-def test_ema_tracks_the_weights_and_is_what_eval_uses():
-    config = tiny_config(pvt=True)
-    config.ema_decay = 0.5
-    built = build(config, jax.devices()[:1])
-    initial = np.asarray(built[2][0].params["head"]["kernel"])
-    train_state, _ = train(built, 1)
-    trained = np.asarray(train_state.params["head"]["kernel"])
-    assert not np.allclose(trained, initial)
-    np.testing.assert_allclose(np.asarray(train_state.ema_params["head"]["kernel"]),
-                               0.5 * trained + 0.5 * initial, atol=1e-6)
+def test_ema_tracks_the_weights_and_is_what_eval_uses(accumulated):
+    heads, train_state, _ = accumulated[1]
+    assert not np.allclose(heads[1], heads[0]) and not np.allclose(heads[2], heads[1])
+    ema = heads[0]
+    for trained in heads[1:]:
+        ema = 0.5 * trained + 0.5 * ema
+    np.testing.assert_allclose(np.asarray(train_state.ema_params["head"]["kernel"]), ema, atol=1e-6)
     assert train_state.variables(use_ema=True)["params"] is train_state.ema_params
 
 
-def test_compiler_options_of_the_config_reach_xla(tmp_path):
-    config = tiny_config(pvt=True)
-    config.compiler_options = f"--xla_dump_to={tmp_path} xla_dump_hlo_module_re=(train|eval)_step"
-    mesh = step.make_mesh(config.mesh, jax.devices()[:1])
-    model = step.create_model(config.model, NUM_CLASSES)
-    abstract_state, state_sharding, train_step, _ = step.prepare_training(config, model, mesh, image_size=IMAGE_SIZE,
-                                                                          num_classes=NUM_CLASSES)
+def test_compiler_options_of_the_config_reach_xla(accumulated):
+    config, (mesh, model, (_, state_sharding, _, _)) = accumulated["built"]
     eval_step = evaluators.from_config(config, model, mesh, state_sharding, 10)[0].eval_step
     batch = {**step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES), "mask": np.ones(BATCH, bool)}
-    eval_step.lower(abstract_state, batch).compile()
-    train_step.lower(abstract_state, batch, step.replicated_schedule(config, mesh, steps_per_epoch=10)).compile()
-    dumped = {path.name.split(".")[1] for path in tmp_path.iterdir() if path.name.startswith("module_")}
+    eval_step.lower(step.abstract_like(accumulated[1][1], state_sharding), batch).compile()
+    dumped = {path.name.split(".")[1] for path in accumulated["dumps"].iterdir() if path.name.startswith("module_")}
     assert {"jit_train_step", "jit_eval_step"} <= dumped
 
 

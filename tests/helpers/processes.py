@@ -4,7 +4,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 from conftest import JAX_CACHE, QUICK_COMPILE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -82,13 +81,3 @@ def stop_mid_run(workdir, signum: int, said: str, *flags) -> tuple[int, list]:
     saved_step = int(next(line for line in lines if said in line).split("saved step ")[1].split()[0])
     assert 3 <= saved_step < 100000 and checkpoint_steps(workdir) == [saved_step]
     return saved_step, lines
-
-
-@pytest.fixture(scope="module")
-def fresh_cache(tmp_path_factory) -> str:
-    """A compilation cache of the test module's own, empty at first, as a flag of train.py: the
-    first run compiles its train step afresh and keeps it whole (on the CPU a step that JAX's
-    cache served is not kept, which a cache left by an earlier session of the tests may do), and
-    every later run of that step loads it. Module-scoped, so the module's tests that use it run on
-    one worker and share it."""
-    return f"--config.compilation_cache_dir={tmp_path_factory.mktemp('compilation_cache')}"
