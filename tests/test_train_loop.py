@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -288,6 +289,26 @@ def test_a_ctrl_c_that_a_garbage_collection_callback_swallowed_still_stops_the_s
     assert interrupts and checkpoint_steps(tmp_path) == []
     records = tmp_path / "metrics.jsonl"
     assert not records.exists() or not [r for r in metrics.read_metrics(records) if r["kind"] == "train"]
+
+
+def test_a_run_in_another_thread_goes_on_without_signal_handlers(tmp_path):
+    """Python delivers signals to the main thread only, and lets only it install handlers."""
+    config = small_config()
+    config.global_batch_size = 12  # stops at the batch check, after the handlers would be installed
+    errors = []
+
+    def run():
+        try:
+            loop.train_and_evaluate(config, tmp_path)
+        except Exception as error:  # handed to the test's thread
+            errors.append(error)
+
+    handler = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "global_batch_size=12" in str(errors[0]), errors
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_train_batches_reach_the_step_through_the_device_prefetch(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ with checkpoints and evaluations on the way."""
 import contextlib
 import json
 import signal
+import threading
 import time
 
 import jax
@@ -54,7 +55,8 @@ class StopRequests(contextlib.AbstractContextManager):
 
     With several processes all must stop at the same step, so from the first step JAX's preemption
     sync point decides instead; its coordination service catches SIGTERM itself, and Ctrl-C is
-    Python's again.
+    Python's again. Python delivers signals to the main thread only: a run in another thread
+    installs no handler.
     """
     REASONS = {signal.SIGTERM: "preemption requested", signal.SIGINT: "interrupted (Ctrl-C)"}
 
@@ -63,9 +65,11 @@ class StopRequests(contextlib.AbstractContextManager):
         self._interrupted = False
         self._training = False
         self._previous = {}
+        self._handles_signals = threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        if self._handles_signals:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
         return self
 
     def __exit__(self, *exc_info):
@@ -91,9 +95,9 @@ class StopRequests(contextlib.AbstractContextManager):
     def start_training(self) -> None:
         """From here on a first Ctrl-C, and SIGTERM, save and stop at the next step boundary."""
         self.check()
-        if jax.process_count() == 1:
+        if self._handles_signals and jax.process_count() == 1:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
-        else:
+        elif self._handles_signals:
             signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
         self._training = True
 
