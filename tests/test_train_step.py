@@ -40,15 +40,20 @@ def build(config, devices, mesh=(-1, 1), num_classes=NUM_CLASSES):
                                                   num_classes=num_classes, steps_per_epoch=10)
 
 
-def train(built, num_steps):
-    """Runs `num_steps` steps on one fixed synthetic batch; returns the final state and the losses."""
+def steps(built, num_steps):
+    """Yields (state, loss) after each of `num_steps` steps on one fixed synthetic batch; a state
+    is donated to the next step, so read it before taking the next."""
     mesh, _, (train_state, _, train_step, schedule) = built
     batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
-    losses = []
     for _ in range(num_steps):
         train_state, metrics = train_step(train_state, batch, schedule)
-        losses.append(float(metrics["loss"]))
-    return train_state, losses
+        yield train_state, float(metrics["loss"])
+
+
+def train(built, num_steps):
+    """Runs `num_steps` steps on one fixed synthetic batch; returns the final state and the losses."""
+    states, losses = zip(*steps(built, num_steps))
+    return states[-1], list(losses)
 
 
 def head_kernel(train_state) -> np.ndarray:
@@ -116,13 +121,11 @@ def accumulated(tmp_path_factory):
         config.update({"accumulation_steps": micro_batches, "ema_decay": 0.5})
         if micro_batches == 1:
             config.compiler_options = f"--xla_dump_to={results['dumps']} xla_dump_hlo_module_re=(train|eval)_step"
-        mesh, model, (train_state, sharding, train_step, schedule) = built = build(config, jax.devices()[:2])
-        batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
-        heads, losses = [head_kernel(train_state)], []
-        for _ in range(2):
-            train_state, metrics = train_step(train_state, batch, schedule)
+        built = build(config, jax.devices()[:2])
+        heads, losses = [head_kernel(built[2][0])], []
+        for train_state, loss in steps(built, 2):
             heads.append(head_kernel(train_state))
-            losses.append(float(metrics["loss"]))
+            losses.append(loss)
         results[micro_batches] = (heads, train_state, losses)
         if micro_batches == 1:
             results["built"] = (config, built)

@@ -79,10 +79,9 @@ class StopRequests(contextlib.AbstractContextManager):
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT:
-            if self._interrupted or not self._training:
-                self._interrupted = True
+            again, self._interrupted = self._interrupted, True
+            if again or not self._training:
                 raise KeyboardInterrupt
-            self._interrupted = True
             logging.warning("Ctrl-C: stopping once this step is done and saved; Ctrl-C again stops at once, "
                             "without saving")
         self.reason = self.reason or self.REASONS[signum]
@@ -95,10 +94,11 @@ class StopRequests(contextlib.AbstractContextManager):
     def start_training(self) -> None:
         """From here on a first Ctrl-C, and SIGTERM, save and stop at the next step boundary."""
         self.check()
-        if self._handles_signals and jax.process_count() == 1:
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
-        elif self._handles_signals:
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        if self._handles_signals:
+            if jax.process_count() == 1:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+            else:
+                signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
         self._training = True
 
     def requested(self, step_number: int) -> bool:
