@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from helpers.processes import LONG_RUN, REPO, run_train, start_train, stop_mid_run, wait_for_line
+from helpers.processes import LONG_RUN, REPO, VIT_DEMO, run_train, start_train, stop_mid_run, wait_for_line
 from shunted_jax.train import command_line, console
 
 DEMO = f"--config={REPO / 'configs' / 'shunted_t.py'}:demo"
@@ -38,7 +38,7 @@ def parse(monkeypatch, *args):
      "argument 'demo'; valid arguments: none: it takes no argument"),
     (("--config=configs/no_such_file.py",),
      "error: --config=configs/no_such_file.py: cannot read configs/no_such_file.py ([Errno 2] No such file or "
-     f"directory: 'configs/no_such_file.py'); relative paths start at "),
+     "directory: 'configs/no_such_file.py'); relative paths start at "),
 ])
 def test_bad_flags_fields_and_config_files_end_in_one_line(monkeypatch, args, line):
     with pytest.raises(SystemExit) as stopped:
@@ -106,7 +106,7 @@ def test_ctrl_c_during_training_saves_and_stops_like_sigterm_and_before_it_stops
 
     # Interrupted while it sets up again (restoring, building the iterator, compiling): one line,
     # or, once its first step has begun, saved as above.
-    restarted = start_train(tmp_path, *LONG_RUN)
+    restarted = start_train(tmp_path, *LONG_RUN, config=VIT_DEMO)
     wait_for_line(restarted, "resumed from")
     restarted.send_signal(signal.SIGINT)
     rest = restarted.stderr.read()

@@ -163,16 +163,16 @@ def test_holding_out_is_for_folder_datasets():
 
 def test_a_folder_without_evaluation_split_trains_without_evaluators(tmp_path):
     """The evaluators' splits are checked before anything is compiled; `--config.evals={}` has none.
-    Ten classes and batches of 16, as test_train_loop's runs on synthetic data: the same programs,
-    which JAX's compilation cache may hold."""
-    from configs import shunted_t
+    The ViT demo, ten classes and batches of 16, as test_train_loop's runs on synthetic data: the
+    same programs, which JAX's compilation cache may hold."""
+    from configs import vit
     from shunted_jax.train import checkpoint, loop
 
     root = tmp_path / "ten_classes"
     for label in range(10):
         for n in range(2):
             write_jpeg(f"{root}/train/class{label}/{n}.jpg", natural_image(40, 50, seed=n + 20 * label))
-    config = shunted_t.get_config("demo")
+    config = vit.get_config("demo")
     config.unlock()
     config.data.update({"name": f"folder:{root}", "data_dir": str(tmp_path)})
     config.update({"global_batch_size": 16, "eval_batch_size": 16, "num_train_steps": 1, "log_every_steps": 1,

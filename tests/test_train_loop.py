@@ -16,8 +16,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from configs import common, shunted_t  # noqa: E402
-from helpers.processes import (checkpoint_steps, run_train, start_train, stop_mid_run,  # noqa: E402
+from configs import common, shunted_t, vit  # noqa: E402
+from helpers.processes import (VIT_DEMO, checkpoint_steps, run_train, start_train, stop_mid_run,  # noqa: E402
                                subprocess_env, train_command, wait_for_line)
 from shunted_jax import data  # noqa: E402
 from shunted_jax.train import checkpoint, loop, metrics, step, workdirs  # noqa: E402
@@ -103,8 +103,9 @@ def test_the_demo_model_is_refused_by_the_export_naming_its_stem_width(straight_
 
 
 def test_two_processes_train_and_checkpoint_together(tmp_path):
-    """Two processes of two devices each train one model; its LayerNorms are the Pallas kernel
-    (Pallas' interpreter here), each run on its device's share of a batch split over both hosts."""
+    """Two processes of two devices each train one model (the ViT demo, the quickest to compile);
+    its LayerNorms are the Pallas kernel (Pallas' interpreter here), each run on its device's share
+    of a batch split over both hosts."""
     # Without the persistent compilation cache both processes compile everything: with it, one
     # process loaded what the other compiled and reached the first collective minutes earlier on a
     # loaded machine, past the 30 s in which the CPU collectives must meet.
@@ -115,7 +116,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
                              "--config.model.kernels=norm=pallas",
                              f"--config.distributed.coordinator_address=localhost:{port}",
                              "--config.distributed.num_processes=2", f"--config.distributed.process_id={index}",
-                             num_devices=2, compilation_cache=False)
+                             num_devices=2, compilation_cache=False, config=VIT_DEMO)
                  for index in range(2)]
     logs = [process.communicate()[1] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -133,7 +134,9 @@ def test_misspelled_config_field_fails_before_training(tmp_path):
 
 
 def small_config():
-    config = shunted_t.get_config("demo")
+    """The ViT demo (the quickest model to compile; the straight run above trains the Shunted demo)
+    on synthetic data, on the tests' 8 devices."""
+    config = vit.get_config("demo")
     config.unlock()
     config.data.update({"name": "synthetic", "num_classes": 10, "num_train_examples": 64,
                         "num_eval_examples": 16})
@@ -199,7 +202,7 @@ def test_a_run_says_what_it_compiles_and_ends_with_its_speed_and_outputs(tmp_pat
     with caplog.at_level("INFO"):
         loop.train_and_evaluate(config, tmp_path)
     lines = [record.getMessage() for record in caplog.records]
-    what = "the train step of shunted_t (16 images of 32x32 a step, 8 cpu device(s))"
+    what = "the train step of vit_ti16 (16 images of 32x32 a step, 8 cpu device(s))"
     compiling = lines.index(f"compiling {what}")
     assert re.fullmatch(rf"(compiled|loaded) {re.escape(what)}( from JAX's compilation cache)? in [0-9.]+ s",
                         next(line for line in lines[compiling + 1:] if what in line))

@@ -182,16 +182,15 @@ def test_schedule_follows_the_recipe():
     assert float(schedule(300)) == pytest.approx(1e-5, rel=1e-5)
 
 
-def test_a_step_built_for_one_schedule_trains_on_another_given_as_its_input():
+def test_a_step_built_for_one_schedule_trains_on_another_given_as_its_input(runs):
     """The schedule's numbers are an input, not constants of the program: the step built from
     config A lowers to the program of config B's step, and given B's schedule it reports B's
-    learning rate and trains exactly as B's own step does. (A's step is the `runs` fixture's
-    single-device one, so JAX's cache usually holds its program.)"""
+    learning rate and trains exactly as B's own step does. (A is the `runs` fixture's single-device
+    configuration, on its mesh and model: JAX's cache holds the program that fixture compiled.)"""
+    mesh, model, _ = runs["single"][0]
     config_a, config_b = tiny_config(), tiny_config()
     config_b.num_train_steps = 7
     config_b.optimizer.update({"base_lr": 3e-3, "warmup_steps": 1, "warmup_init_lr": 1e-5, "min_lr": 1e-4})
-    mesh = step.make_mesh(config_a.mesh, jax.devices()[:1])
-    model = step.create_model(config_a.model, NUM_CLASSES)
     batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
     schedule_b = step.replicated_schedule(config_b, mesh, steps_per_epoch=10)
     programs, runs = {}, {}

@@ -37,9 +37,10 @@ def small_config(**overrides):
     return cfg
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_data_dir(tmp_path_factory) -> str:
-    """The Fashion-MNIST demo dataset, built once per test session from the Debian IDX files."""
+    """The Fashion-MNIST demo dataset, built from the Debian IDX files once per module: a module's
+    tests that share a module fixture run on one worker (conftest.work_unit), so it is built once."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     data.dataset_info(small_config(data_dir=data_dir))
     return data_dir
