@@ -113,8 +113,8 @@ def store(tmp_path, monkeypatch):
 
 
 def synthetic_run(num_train_steps: int):
-    """The tiny PVTv2 on synthetic data, without mixup and evaluators, in JAX's current cache."""
-    config = tiny_config(pvt=True, drop_path_rate=0.0)
+    """The tiny ViT on synthetic data, without mixup and evaluators, in JAX's current cache."""
+    config = tiny_config(vit_model=True, drop_path_rate=0.0)
     config.mixup.update({"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     config.data.update({"name": "synthetic", "num_classes": NUM_CLASSES, "num_train_examples": 64})
     config.update({"num_train_steps": num_train_steps, "log_every_steps": 1, "compilation_cache_dir": ""})

@@ -10,20 +10,22 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from configs import common, pvt_v2, shunted_t  # noqa: E402
+from configs import common, shunted_t, vit  # noqa: E402
 from shunted_jax import convert, models  # noqa: E402
 from shunted_jax.train import checkpoint, evaluators, finetune, mixup, optim, step  # noqa: E402
 
 TINY_MODEL = {"embed_dims": (16, 16, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (2, 2, 2, 2),
               "mlp_ratios": (2, 2, 2, 2)}
+# A ViT for what needs a model without BatchNorm, and compiles quickest: one stage, a 4x4 grid.
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2, "patch_size": 8}
 IMAGE_SIZE, NUM_CLASSES, BATCH = 32, 10, 16
 
 
-def tiny_config(pvt=False, **model_fields):
-    """A tiny float32 Shunted-T (or PVTv2-B0) on the demo settings, with mixup, drop path and
-    clipping all on."""
-    config = pvt_v2.get_config("variant=b0") if pvt else shunted_t.get_config()
-    common.to_demo(config, {**TINY_MODEL, "drop_path_rate": 0.1, **model_fields})
+def tiny_config(vit_model=False, **model_fields):
+    """A tiny float32 Shunted-T (or ViT) on the demo settings, with mixup, drop path and clipping
+    all on."""
+    config = vit.get_config() if vit_model else shunted_t.get_config()
+    common.to_demo(config, {**(TINY_VIT if vit_model else TINY_MODEL), "drop_path_rate": 0.1, **model_fields})
     config.unlock()
     config.global_batch_size = BATCH
     config.mixup.update({"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
@@ -111,13 +113,13 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
 
 @pytest.fixture(scope="module")
 def accumulated(tmp_path_factory):
-    """Tiny PVTv2-B0 (no BatchNorm) without drop path on 2 devices, with an EMA of decay 0.5,
+    """The tiny ViT (no BatchNorm) without drop path on 2 devices, with an EMA of decay 0.5,
     trained for 2 steps in 1 and in 4 micro-batches: {micro-batches: (heads, state, losses)}, heads
     being the head's kernel before and after each step. The one-batch run is compiled with XLA's
     dumps on, into "dumps", and is kept built under "built"."""
     results = {"dumps": tmp_path_factory.mktemp("dumps")}
     for micro_batches in (1, 4):
-        config = tiny_config(pvt=True, drop_path_rate=0.0)
+        config = tiny_config(vit_model=True, drop_path_rate=0.0)
         config.update({"accumulation_steps": micro_batches, "ema_decay": 0.5})
         if micro_batches == 1:
             config.compiler_options = f"--xla_dump_to={results['dumps']} xla_dump_hlo_module_re=(train|eval)_step"
