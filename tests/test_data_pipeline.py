@@ -144,6 +144,21 @@ def test_demo_train_batches_are_uint8_rgb_that_the_device_ops_normalise(demo_dat
     assert -3 < normalised.mean() < 3 and 0.3 < normalised.std() < 3
 
 
+def test_a_script_that_ends_holding_its_iterators_exits(demo_data_dir):
+    """Splits of a few batches through the PIL resize (a tf.numpy_function), each iterator read
+    partly (the training one past an epoch's end) and still held when the script ends."""
+    cfg = small_config(data_dir=demo_data_dir, train_split="train[:64]", eval_split="test[:48]",
+                       pp_train="decode_uint8|resize(32)|flip_lr", pp_eval="decode_uint8|resize(32)")
+    code = ("from shunted_jax import data; cfg = data.default_config(); "
+            f"cfg.update({cfg.to_dict()!r}); train = data.train_iterator(cfg, 8); "
+            "batches = [next(train) for _ in range(10)]; evaluation = data.eval_iterator(cfg, 16); next(evaluation); "
+            "print('read', len(batches) + 1)")
+    # A hang is for ever; the script takes seconds, minutes on a loaded machine.
+    result = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "read 11", result.stderr[-2000:]
+
+
 def test_resume_matches_an_uninterrupted_run_across_epochs(demo_data_dir):
     cfg = small_config(data_dir=demo_data_dir, train_split="train[:96]")
     uninterrupted = take(data.train_iterator(cfg, 32), 8)

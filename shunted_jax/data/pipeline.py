@@ -22,7 +22,7 @@ from shunted_jax.data import registry
 from shunted_jax.data.ops import decode_to_uint8
 from shunted_jax.data.sources import make_source
 from shunted_jax.data.stream import StreamPosition
-from shunted_jax.data.tf_import import tensorflow
+from shunted_jax.data.tf_import import closed_at_exit, tensorflow
 
 tf = tensorflow()
 
@@ -143,7 +143,7 @@ def train_batches(
     steps = config_lib.steps_per_epoch(source.num_train, global_batch_size)
     plan = _TrainPlan(source, cfg, preprocess, steps, local_batch, process_index, process_count, decode_once)
     position = (start or StreamPosition.at_step(start_step, steps, global_batch_size)).fitted(steps, global_batch_size)
-    return _endless(plan, position.epoch, position.example // process_count)
+    return closed_at_exit(_endless(plan, position.epoch, position.example // process_count))
 
 
 def train_example_spec(cfg) -> dict:
@@ -194,4 +194,8 @@ def eval_batches(cfg, global_batch_size: int, process_index: int, process_count:
         deterministic=True,
     )
     padded = examples.concatenate(_padding(examples.element_spec, num_batches * local_batch - counts[process_index]))
-    return _with_options(padded.batch(local_batch, drop_remainder=True).prefetch(_prefetch(cfg))).as_numpy_iterator()
+    return closed_at_exit(_numpy_batches(padded.batch(local_batch, drop_remainder=True).prefetch(_prefetch(cfg))))
+
+
+def _numpy_batches(dataset) -> Iterator[dict]:
+    yield from _with_options(dataset).as_numpy_iterator()
