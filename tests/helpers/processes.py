@@ -1,4 +1,4 @@
-"""Helpers of the tests that run train.py as real processes on the demo model."""
+"""Helpers of the tests that run train.py as real processes on a demo model."""
 import os
 import pathlib
 import subprocess
