@@ -135,7 +135,7 @@ def accumulated(tmp_path_factory):
 
 
 def test_accumulated_micro_batches_equal_one_large_batch(accumulated):
-    """PVTv2 has no BatchNorm; without drop path the two must agree to float32 rounding."""
+    """The ViT has no BatchNorm; without drop path the two must agree to float32 rounding."""
     (_, state_1, losses_1), (_, state_4, losses_4) = accumulated[1], accumulated[4]
     assert not state_1.batch_stats
     np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
@@ -195,7 +195,7 @@ def test_a_step_built_for_one_schedule_trains_on_another_given_as_its_input(runs
     config_b.optimizer.update({"base_lr": 3e-3, "warmup_steps": 1, "warmup_init_lr": 1e-5, "min_lr": 1e-4})
     batch = step.synthetic_batch(mesh, BATCH, IMAGE_SIZE, NUM_CLASSES)
     schedule_b = step.replicated_schedule(config_b, mesh, steps_per_epoch=10)
-    programs, runs = {}, {}
+    programs, trained = {}, {}
     for name, config in (("a", config_a), ("b", config_b)):
         _, _, train_step, initialise = step.prepare_training(config, model, mesh, image_size=IMAGE_SIZE,
                                                              num_classes=NUM_CLASSES)
@@ -205,12 +205,12 @@ def test_a_step_built_for_one_schedule_trains_on_another_given_as_its_input(runs
         for _ in range(2):
             train_state, metrics = compiled(train_state, batch, schedule_b)
             lrs.append(float(metrics["lr"]))
-        runs[name] = train_state, lrs
+        trained[name] = train_state, lrs
     assert programs["a"] == programs["b"]
     wanted = [float(optim.schedule_from_config(config_b, 10)(count)) for count in range(2)]
-    assert runs["a"][1] == pytest.approx(wanted, rel=1e-6)
+    assert trained["a"][1] == pytest.approx(wanted, rel=1e-6)
     assert wanted != pytest.approx([float(optim.schedule_from_config(config_a, 10)(count)) for count in range(2)])
-    for got, want in zip(jax.tree.leaves(runs["a"][0]), jax.tree.leaves(runs["b"][0])):
+    for got, want in zip(jax.tree.leaves(trained["a"][0]), jax.tree.leaves(trained["b"][0])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
